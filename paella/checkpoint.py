@@ -1,0 +1,167 @@
+"""Checkpoint I/O shared by every model: official ``.pt`` files, ``.safetensors`` files, and model folders.
+
+A model folder holds ``model.safetensors`` and ``config.json`` (the model's dataclass config), so loading
+needs nothing else. Official files (``paella_v3.pt``, ``vqgan_f4.pt``, ``prior_v1.pt``) are bare state
+dicts, or dicts with the weights under ``state_dict``; they are read with ``torch.load(weights_only=True)``,
+which never unpickles arbitrary objects.
+"""
+import json
+import os
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+CONFIG_NAME = 'config.json'
+WEIGHTS_NAME = 'model.safetensors'
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint, or whose weights do not fit the model."""
+
+
+def read_state_dict(path):
+    """Return (state_dict, config_or_None) from a .safetensors file or a torch checkpoint file.
+
+    The config comes from the safetensors metadata key ``config`` when present.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    with open(path, 'rb') as f:
+        head = f.read(8)
+    if path.suffix == '.safetensors':
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework='pt') as f:
+                meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for malformed headers
+            raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None
+        config = json.loads(meta['config']) if 'config' in meta else None
+        return sd, config
+    if not (head.startswith(b'PK') or head[:1] == b'\x80'):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (a zip or pickle file) nor a .safetensors file")
+    try:
+        # mmap keeps a multi-GB official file out of RAM until its tensors are used (zip format only).
+        obj = torch.load(path, map_location='cpu', weights_only=True, mmap=head.startswith(b'PK'))
+    except Exception as e:
+        raise CheckpointError(f"{path} could not be read as a weights-only PyTorch checkpoint: "
+                              f"{str(e).splitlines()[0]}") from None
+    if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
+        obj = obj['state_dict']
+    if not isinstance(obj, dict) or not obj or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"{path} holds no state dict (expected a dict of tensors, "
+                              f"or one under the key 'state_dict'), got {type(obj).__name__}")
+    return obj, None
+
+
+def check_state_dict(module, sd):
+    """Raise CheckpointError listing missing, unexpected and mis-shaped keys; silent when sd fits."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        def show(title, items):
+            more = f" ... and {len(items) - 8} more" if len(items) > 8 else ''
+            return f"\n  {title} ({len(items)}): " + ', '.join(items[:8]) + more if items else ''
+        raise CheckpointError(f"checkpoint does not fit {type(module).__name__}"
+                              + show('missing keys', missing) + show('unexpected keys', unexpected)
+                              + show('shape mismatches', shapes)
+                              + "\n  (pass the model's config or preset if it is not the default size)")
+
+
+def _atomic_write(path, write):
+    """Write through a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class Pretrained:
+    """Mixin for nn.Modules with a dataclass config: save_pretrained / from_pretrained.
+
+    Subclasses set ``config_class``, ``presets`` (name -> kwargs), ``default_preset`` and ``model_type``,
+    and keep their config in ``self.config``.
+    """
+    config_class = None
+    presets = {}
+    default_preset = None
+    model_type = None
+
+    @classmethod
+    def make_config(cls, preset=None, **overrides):
+        """Config from a preset name (or the default preset) with keyword overrides."""
+        name = preset or cls.default_preset
+        if name is not None and name not in cls.presets:
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; choose from {sorted(cls.presets)}")
+        kwargs = dict(cls.presets.get(name, {}), **overrides)
+        return cls.config_class(**kwargs)
+
+    @classmethod
+    def config_from_dict(cls, d):
+        known = {f.name for f in fields(cls.config_class)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CheckpointError(f"config has keys {unknown} that {cls.__name__} does not take")
+        return cls.config_class(**d)
+
+    def save_pretrained(self, folder):
+        """Write ``model.safetensors`` + ``config.json`` into folder (created if needed)."""
+        from safetensors.torch import save_file
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        meta = {'model_type': self.model_type, 'config': json.dumps(asdict(self.config))}
+        _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(sd, p, metadata=meta))
+        text = json.dumps({'model_type': self.model_type, 'config': asdict(self.config)}, indent=2)
+        _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text + '\n'))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, path, preset=None, config=None, device=None, dtype=None, **overrides):
+        """Load a model folder, a .safetensors file or an official .pt file.
+
+        The config comes from, in order: ``config`` (a config object), ``preset`` / ``overrides``, the
+        folder's config.json or the safetensors metadata, the class's default preset (``v3`` for
+        Paella, the published f4 VQGAN for VQModel).
+        """
+        path = Path(path)
+        stored = None
+        if path.is_dir():
+            if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+                raise CheckpointError(f"{path} is not a model folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+            try:
+                meta = json.loads((path / CONFIG_NAME).read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{path / CONFIG_NAME} is not valid JSON: {e}") from None
+            if meta.get('model_type') not in (None, cls.model_type):
+                raise CheckpointError(f"{path} holds a {meta.get('model_type')!r} model, not {cls.model_type!r}")
+            stored = meta.get('config', meta)
+            sd, _ = read_state_dict(path / WEIGHTS_NAME)
+        else:
+            sd, stored = read_state_dict(path)
+        if config is None:
+            if preset is not None or overrides or stored is None:
+                config = cls.make_config(preset, **overrides)
+            else:
+                config = cls.config_from_dict(stored)
+        with torch.device('meta'):
+            model = cls(config)          # no time spent initialising weights that are overwritten
+        check_state_dict(model, sd)
+        model.load_state_dict(sd, strict=True, assign=True)
+        model.eval()
+        return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,388 @@
+"""The Paella generator: a convolutional U-Net over a grid of VQGAN tokens.
+
+Tokens (B, H, W) are embedded, patchified and passed through levels of ConvNeXt-style blocks (C),
+noise-level modulation (T) and cross-attention to a conditioning sequence (A). The network predicts,
+for every position, logits over the codebook: (B, num_labels, H, W).
+
+Module and parameter names follow the published Paella v3 code exactly, so an official state dict
+loads with ``load_state_dict(sd, strict=True)``.
+"""
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import Pretrained
+
+
+@dataclass
+class PaellaConfig:
+    """Constructor arguments of `Paella`; the defaults are the published ones."""
+    c_in: int = 256                 # token embedding width
+    c_out: int = 256                # width before the final projection onto the codebook
+    num_labels: int = 8192          # codebook size of the VQGAN
+    c_r: int = 64                   # width of the sinusoidal noise-level embedding
+    patch_size: int = 2
+    c_cond: int = 1024              # width of the conditioning sequence
+    c_hidden: list = field(default_factory=lambda: [640, 1280, 1280])
+    nhead: list = field(default_factory=lambda: [-1, 16, 16])
+    blocks: list = field(default_factory=lambda: [6, 16, 6])
+    level_config: list = field(default_factory=lambda: ['CT', 'CTA', 'CTA'])
+    clip_embd: int = 1024
+    byt5_embd: int = 1536
+    clip_seq_len: int = 4           # tokens each CLIP vector is expanded to
+    kernel_size: int = 3
+    dropout: float | list = 0.1
+    self_attn: bool = True          # attention keys include the image positions themselves
+
+
+# Size presets: keyword arguments over the published defaults.
+PRESETS = {
+    # The published Paella v3: 1,008,350,592 parameters, ByT5-XL (2560 wide) + CLIP-H (1024 wide).
+    'v3': dict(byt5_embd=2560),
+    # 115,015,872 parameters; the size the performance issue benchmarks at 32x32 tokens.
+    'base': dict(c_hidden=[320, 640, 640], nhead=[-1, 10, 10], blocks=[2, 6, 2], byt5_embd=2560),
+    # 13,383,296 parameters: a layout that trains on a CPU (1024 codes, 384-wide MiniLM token states).
+    'small': dict(c_in=128, c_out=128, num_labels=1024, c_r=64, c_cond=256, c_hidden=[128, 256, 256],
+                  nhead=[-1, 4, 4], blocks=[2, 4, 2], clip_embd=384, byt5_embd=384, dropout=0.1),
+    # 412,672 parameters (the fixture's size), for tests.
+    'tiny': dict(c_in=16, c_out=16, num_labels=64, c_r=16, c_cond=32, c_hidden=[32, 64, 64],
+                 nhead=[-1, 2, 2], blocks=[1, 2, 1], clip_embd=16, byt5_embd=24),
+}
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) tensor."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2 global response normalisation on channels-last (B, H, W, C) input."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x):
+        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)   # (B, 1, 1, C)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * nx) + self.beta + x
+
+
+def _channel_mlp(c, dropout):
+    return nn.Sequential(nn.Linear(c, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), nn.Dropout(dropout),
+                         nn.Linear(c * 4, c))
+
+
+class ResBlock(nn.Module):
+    """Depthwise conv + channel MLP; the first block of an up level also takes the skip connection."""
+
+    def __init__(self, c, c_skip=0, kernel_size=3, dropout=0.0):
+        super().__init__()
+        self.depthwise = nn.Conv2d(c + c_skip, c, kernel_size=kernel_size, padding=kernel_size // 2, groups=c)
+        self.norm = LayerNorm2d(c, elementwise_affine=False, eps=1e-6)
+        self.channelwise = _channel_mlp(c, dropout)
+
+    def forward(self, x, x_skip=None):
+        x_res = x
+        if x_skip is not None:
+            x = torch.cat([x, x_skip], dim=1)
+        x = self.norm(self.depthwise(x)).permute(0, 2, 3, 1)    # (B, H, W, C)
+        return self.channelwise(x).permute(0, 3, 1, 2) + x_res
+
+
+class Attention(nn.Module):
+    """Multi-head attention with the parameters of ``nn.MultiheadAttention`` (in_proj_weight,
+    in_proj_bias, out_proj) computed through ``scaled_dot_product_attention``.
+
+    ``key_weights`` (Lc,) multiplies the attention probabilities of the last Lc keys after the softmax
+    (not renormalised), as the published v3 demo does. Because the factor depends on the key alone,
+    scaling the values of those keys is the same product and keeps the fused kernel.
+    """
+
+    def __init__(self, c, nhead, dropout=0.0):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.dropout = c, nhead, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * c, c))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * c))
+        self.out_proj = nn.Linear(c, c)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x, kv, key_weights=None):
+        b, lq, c = x.shape
+        w_q, w_kv = self.in_proj_weight.split([c, 2 * c])
+        b_q, b_kv = self.in_proj_bias.split([c, 2 * c])
+        q = F.linear(x, w_q, b_q)                                   # (B, Lq, C)
+        k, v = F.linear(kv, w_kv, b_kv).unflatten(-1, (2, c)).unbind(-2)   # (B, Lk, C) each
+        if key_weights is not None:
+            ones = key_weights.new_ones(k.shape[1] - key_weights.shape[0])
+            v = v * torch.cat([ones, key_weights])[None, :, None].to(v.dtype)
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)   # (B, nh, L, C/nh)
+        o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v),
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(o.transpose(1, 2).reshape(b, lq, c))
+
+
+class Attention2D(nn.Module):
+    def __init__(self, c, nhead, dropout=0.0):
+        super().__init__()
+        self.attn = Attention(c, nhead, dropout)
+
+    def forward(self, x, kv, self_attn=False, key_weights=None):
+        b, c, h, w = x.shape
+        x = x.view(b, c, h * w).permute(0, 2, 1)                   # (B, HW, C)
+        if self_attn:
+            kv = torch.cat([x, kv], dim=1)                          # (B, HW + Lc, C)
+        x = self.attn(x, kv, key_weights)
+        return x.permute(0, 2, 1).reshape(b, c, h, w)
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, c, c_cond, nhead, self_attn=True, dropout=0.0):
+        super().__init__()
+        self.self_attn = self_attn
+        self.norm = LayerNorm2d(c, elementwise_affine=False, eps=1e-6)
+        self.attention = Attention2D(c, nhead, dropout)
+        self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
+
+    def forward(self, x, kv, key_weights=None):
+        kv = self.kv_mapper(kv)                                     # (B, Lc, C)
+        return x + self.attention(self.norm(x), kv, self_attn=self.self_attn, key_weights=key_weights)
+
+
+class FeedForwardBlock(nn.Module):
+    def __init__(self, c, dropout=0.0):
+        super().__init__()
+        self.norm = LayerNorm2d(c, elementwise_affine=False, eps=1e-6)
+        self.channelwise = _channel_mlp(c, dropout)
+
+    def forward(self, x):
+        return x + self.channelwise(self.norm(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class TimestepBlock(nn.Module):
+    """Scale and shift every channel from the noise-level embedding."""
+
+    def __init__(self, c, c_timestep):
+        super().__init__()
+        self.mapper = nn.Linear(c_timestep, c * 2)
+
+    def forward(self, x, t):
+        a, b = self.mapper(t)[:, :, None, None].chunk(2, dim=1)   # (B, C, 1, 1) each
+        return x * (1 + a) + b
+
+
+def add_noise(x, t, num_labels, mask=None, random_x=None, generator=None):
+    """Replace a fraction t of the tokens x (B, H, W) by random tokens.
+
+    mask (B, H, W) marks the positions to replace (drawn as ``rand <= t`` when not given) and random_x
+    supplies their new values (uniform over the codebook when not given). Returns (noised_x, mask).
+    Random draws are made in the published order: mask first, then the tokens.
+    """
+    if mask is None:
+        u = torch.rand(x.shape, device=x.device, generator=generator)
+        mask = (u <= t[:, None, None]).long()
+    if random_x is None:
+        random_x = torch.randint(0, num_labels, x.shape, device=x.device, generator=generator)
+    return x * (1 - mask) + random_x * mask, mask
+
+
+def loss_weight(t, mask, min_val=0.3):
+    """Per-token loss weight (B, H, W): 1 on replaced tokens, ``1 - (1 - t)(1 - min_val)`` on kept ones."""
+    return 1 - (1 - mask) * ((1 - t) * (1 - min_val))[:, None, None]
+
+
+class Paella(Pretrained, nn.Module):
+    """The Paella U-Net. ``Paella(byt5_embd=2560)`` is the published v3 model.
+
+    forward(x, r, byt5, clip=None, clip_image=None) -> logits (B, num_labels, H, W), where
+    x: tokens (B, H, W), r: noise level in [0, 1] (B,), byt5: text hidden states (B, L, byt5_embd),
+    clip / clip_image: CLIP text / image embeddings (B, clip_embd) or None.
+    """
+    config_class = PaellaConfig
+    presets = PRESETS
+    default_preset = 'v3'
+    model_type = 'paella'
+
+    def __init__(self, config: PaellaConfig | None = None, **kwargs):
+        super().__init__()
+        cfg = replace(config or PaellaConfig(), **kwargs)
+        self.config = cfg
+        self.c_r, self.c_cond, self.num_labels = cfg.c_r, cfg.c_cond, cfg.num_labels
+        levels = len(cfg.c_hidden)
+        for name in ('nhead', 'blocks', 'level_config'):
+            if len(getattr(cfg, name)) != levels:
+                raise ValueError(f"{name} has {len(getattr(cfg, name))} entries but c_hidden has {levels}")
+        dropout = cfg.dropout if isinstance(cfg.dropout, (list, tuple)) else [cfg.dropout] * levels
+        c_hidden = cfg.c_hidden
+
+        # Conditioning: ByT5 states (B, L, byt5_embd) and CLIP vectors become a (B, Lc, c_cond) sequence.
+        self.byt5_mapper = nn.Linear(cfg.byt5_embd, cfg.c_cond)
+        self.clip_mapper = nn.Linear(cfg.clip_embd, cfg.c_cond * cfg.clip_seq_len)
+        self.clip_image_mapper = nn.Linear(cfg.clip_embd, cfg.c_cond * cfg.clip_seq_len)
+        self.seq_norm = nn.LayerNorm(cfg.c_cond, elementwise_affine=False, eps=1e-6)
+
+        self.in_mapper = nn.Sequential(nn.Embedding(cfg.num_labels, cfg.c_in),
+                                       nn.LayerNorm(cfg.c_in, elementwise_affine=False, eps=1e-6))
+        self.embedding = nn.Sequential(
+            nn.PixelUnshuffle(cfg.patch_size),
+            nn.Conv2d(cfg.c_in * cfg.patch_size ** 2, c_hidden[0], kernel_size=1),
+            LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6))
+
+        def get_block(block_type, c, nhead, c_skip=0, dropout=0.0):
+            if block_type == 'C':
+                return ResBlock(c, c_skip, kernel_size=cfg.kernel_size, dropout=dropout)
+            if block_type == 'A':
+                return AttnBlock(c, cfg.c_cond, nhead, self_attn=cfg.self_attn, dropout=dropout)
+            if block_type == 'F':
+                return FeedForwardBlock(c, dropout=dropout)
+            if block_type == 'T':
+                return TimestepBlock(c, cfg.c_r)
+            raise ValueError(f"block type {block_type!r} is not one of 'C', 'A', 'F', 'T'")
+
+        self.down_blocks = nn.ModuleList()
+        for i in range(levels):
+            level = nn.ModuleList()
+            if i > 0:
+                level.append(nn.Sequential(LayerNorm2d(c_hidden[i - 1], elementwise_affine=False, eps=1e-6),
+                                           nn.Conv2d(c_hidden[i - 1], c_hidden[i], kernel_size=2, stride=2)))
+            for _ in range(cfg.blocks[i]):
+                for block_type in cfg.level_config[i]:
+                    level.append(get_block(block_type, c_hidden[i], cfg.nhead[i], dropout=dropout[i]))
+            self.down_blocks.append(level)
+
+        self.up_blocks = nn.ModuleList()
+        for i in reversed(range(levels)):
+            level = nn.ModuleList()
+            for j in range(cfg.blocks[i]):
+                for k, block_type in enumerate(cfg.level_config[i]):
+                    # The first block of every level but the deepest takes the skip connection.
+                    c_skip = c_hidden[i] if i < levels - 1 and j == k == 0 else 0
+                    level.append(get_block(block_type, c_hidden[i], cfg.nhead[i], c_skip=c_skip,
+                                           dropout=dropout[i]))
+            if i > 0:
+                level.append(nn.Sequential(
+                    LayerNorm2d(c_hidden[i], elementwise_affine=False, eps=1e-6),
+                    nn.ConvTranspose2d(c_hidden[i], c_hidden[i - 1], kernel_size=2, stride=2)))
+            self.up_blocks.append(level)
+
+        self.clf = nn.Sequential(
+            LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6),
+            nn.Conv2d(c_hidden[0], cfg.c_out * cfg.patch_size ** 2, kernel_size=1),
+            nn.PixelShuffle(cfg.patch_size))
+        self.out_mapper = nn.Sequential(
+            LayerNorm2d(cfg.c_out, elementwise_affine=False, eps=1e-6),
+            nn.Conv2d(cfg.c_out, cfg.num_labels, kernel_size=1, bias=False))
+        self._init_weights()
+
+    def _init_weights(self):
+        """The published initialisation (matters for training from scratch, not for loading)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for mapper in (self.byt5_mapper, self.clip_mapper, self.clip_image_mapper):
+            nn.init.normal_(mapper.weight, std=0.02)
+        nn.init.xavier_uniform_(self.embedding[1].weight, 0.02)
+        nn.init.zeros_(self.clf[1].weight)
+        nn.init.normal_(self.in_mapper[0].weight, std=math.sqrt(1 / self.num_labels))
+        # Output projection starts tied (as a copy) to the token embedding.
+        self.out_mapper[-1].weight.data = self.in_mapper[0].weight.data[:, :, None, None].clone()
+        for level in list(self.down_blocks) + list(self.up_blocks):
+            for block in level:
+                if isinstance(block, (ResBlock, FeedForwardBlock)):
+                    block.channelwise[-1].weight.data *= math.sqrt(1 / sum(self.config.blocks))
+                elif isinstance(block, TimestepBlock):
+                    nn.init.zeros_(block.mapper.weight)
+
+    @property
+    def downsampling(self):
+        """Factor by which the token grid shrinks at the deepest level; H and W must be multiples."""
+        return self.config.patch_size * 2 ** (len(self.config.c_hidden) - 1)
+
+    def gen_r_embedding(self, r, max_positions=10000):
+        """Sinusoidal embedding (B, c_r) of the noise level r (B,) in [0, 1]."""
+        r = r * max_positions
+        half_dim = self.c_r // 2
+        emb = math.log(max_positions) / (half_dim - 1)
+        emb = torch.arange(half_dim, device=r.device).float().mul(-emb).exp()
+        emb = r[:, None] * emb[None, :]
+        emb = torch.cat([emb.sin(), emb.cos()], dim=1)
+        if self.c_r % 2 == 1:
+            emb = F.pad(emb, (0, 1), mode='constant')
+        return emb
+
+    def gen_c_embeddings(self, byt5, clip=None, clip_image=None):
+        """Conditioning sequence (B, L + 4 [clip] + 4 [clip_image], c_cond)."""
+        seq = self.byt5_mapper(byt5)
+        for vec, mapper in ((clip, self.clip_mapper), (clip_image, self.clip_image_mapper)):
+            if vec is not None:
+                seq = torch.cat([seq, mapper(vec).view(vec.size(0), -1, self.c_cond)], dim=1)
+        return self.seq_norm(seq)
+
+    def check_inputs(self, x, r, byt5, clip=None, clip_image=None):
+        """Raise ValueError naming the problem, before it becomes a shape error deep inside."""
+        cfg = self.config
+        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"tokens must be an integer tensor (B, H, W), got {getattr(x, 'dtype', type(x))}")
+        if x.dim() != 3:
+            raise ValueError(f"tokens must have shape (B, H, W), got {tuple(x.shape)}")
+        b, h, w = x.shape
+        if h % self.downsampling or w % self.downsampling:
+            raise ValueError(f"token grid {h}x{w} is not divisible by the U-Net's total downsampling "
+                             f"{self.downsampling} (patch_size {cfg.patch_size} x 2^{len(cfg.c_hidden) - 1})")
+        if x.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(x.min()), int(x.max())
+            if lo < 0 or hi >= cfg.num_labels:
+                raise ValueError(f"token ids must lie in [0, {cfg.num_labels - 1}], got values in [{lo}, {hi}]")
+        if not isinstance(r, torch.Tensor) or r.shape != (b,):
+            raise ValueError(f"noise level r must have shape ({b},), got {tuple(getattr(r, 'shape', ()))}")
+        if byt5 is None or byt5.dim() != 3 or byt5.shape[0] != b or byt5.shape[2] != cfg.byt5_embd:
+            raise ValueError(f"text conditioning must have shape ({b}, L, {cfg.byt5_embd}), "
+                             f"got {None if byt5 is None else tuple(byt5.shape)}")
+        for name, vec in (('clip', clip), ('clip_image', clip_image)):
+            if vec is not None and (vec.dim() != 2 or vec.shape != (b, cfg.clip_embd)):
+                raise ValueError(f"{name} embedding must have shape ({b}, {cfg.clip_embd}), got {tuple(vec.shape)}")
+
+    def _blocks(self, level, x, r_embed, c_embed, skip=None, key_weights=None):
+        for j, block in enumerate(level):
+            if isinstance(block, ResBlock):
+                x = block(x, skip if j == 0 else None)
+            elif isinstance(block, AttnBlock):
+                x = block(x, c_embed, key_weights)
+            elif isinstance(block, TimestepBlock):
+                x = block(x, r_embed)
+            else:
+                x = block(x)
+        return x
+
+    def forward(self, x, r, byt5, clip=None, clip_image=None, attn_weights=None):
+        """attn_weights (Lc,): factors for the attention probabilities of the last Lc conditioning keys."""
+        self.check_inputs(x, r, byt5, clip, clip_image)
+        r_embed = self.gen_r_embedding(r)                           # (B, c_r)
+        c_embed = self.gen_c_embeddings(byt5, clip, clip_image)     # (B, Lc, c_cond)
+        x = self.embedding(self.in_mapper(x.long()).permute(0, 3, 1, 2))   # (B, c_hidden[0], H/p, W/p)
+        level_outputs = []
+        for level in self.down_blocks:
+            x = self._blocks(level, x, r_embed, c_embed, key_weights=attn_weights)
+            level_outputs.insert(0, x)
+        x = level_outputs[0]
+        for i, level in enumerate(self.up_blocks):
+            x = self._blocks(level, x, r_embed, c_embed, skip=level_outputs[i] if i > 0 else None,
+                             key_weights=attn_weights)
+        return self.out_mapper(self.clf(x))                         # (B, num_labels, H, W)
+
+    def add_noise(self, x, t, mask=None, random_x=None, generator=None):
+        return add_noise(x, t, self.num_labels, mask=mask, random_x=random_x, generator=generator)
+
+    def get_loss_weight(self, t, mask, min_val=0.3):
+        return loss_weight(t, mask, min_val)
+
+    def config_dict(self):
+        return asdict(self.config)

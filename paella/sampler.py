@@ -1,0 +1,161 @@
+"""Paella's sampler: one pure function for text-to-image, inpainting, outpainting, image-to-image and more.
+
+Start from random tokens (or ``init_x``), and for each of ``steps`` noise levels t from ``t_start`` to
+``t_end``: predict logits for every position (with classifier-free guidance), draw new tokens at a
+temperature, and re-noise a fraction t_next of them for the next step. A ``mask`` (True = generate) keeps
+every other position fixed to ``init_x``: that is inpainting and outpainting. Starting from ``init_x`` at
+``t_start < 1`` is image-to-image. Other conditions in ``model_inputs`` give variations and interpolation.
+
+With ``mode="multinomial"`` and ``generator=None`` the random calls are the published code's, in its
+order (``torch.randint`` for the initial tokens, ``torch.multinomial`` per step, ``torch.rand`` for each
+re-noising mask), so a seeded global RNG reproduces the published samples token for token.
+"""
+import torch
+
+from .model import add_noise
+from .vq import nearest_code
+
+MODES = ('multinomial', 'argmax', 'quant')
+RENOISE_MODES = ('start', 'prev', 'rand')
+
+
+def _schedule(value, steps, name):
+    """A number or a (start, end) pair -> a linear schedule tensor (steps,), as the published code makes it."""
+    start, end = (value, value) if isinstance(value, (int, float)) else tuple(value)
+    return torch.linspace(start, end, steps)
+
+
+def top_k_filter(logits, k):
+    """Keep the k largest logits at every position of (B, C, H, W); the rest become -inf."""
+    kth = logits.topk(min(k, logits.size(1)), dim=1).values[:, -1:]   # (B, 1, H, W)
+    return logits.masked_fill(logits < kth, float('-inf'))
+
+
+def typical_filter(logits, mass=0.2, min_tokens=1):
+    """Locally typical filtering (the first Paella's): keep the tokens whose surprise is nearest the
+    entropy, until they hold ``mass`` of the probability; at least ``min_tokens``. logits: (B, C, H, W)."""
+    logp = logits.log_softmax(dim=1)
+    entropy = -(logp * logp.exp()).nansum(dim=1, keepdim=True)       # (B, 1, H, W)
+    distance, order = (-logp - entropy).abs().sort(dim=1)            # most typical first
+    cum = logits.gather(1, order).softmax(dim=1).cumsum(dim=1)
+    last = (cum < mass).sum(dim=1, keepdim=True).clamp(max=logits.size(1) - 1)
+    remove = distance > distance.gather(1, last)
+    remove[:, :min_tokens] = False
+    return logits.masked_fill(remove.scatter(1, order, remove), float('-inf'))
+
+
+def draw_tokens(logits, temperature, mode='multinomial', generator=None, codebook=None):
+    """Tokens (B, H, W) from logits (B, C, H, W)."""
+    if mode == 'argmax':
+        return logits.argmax(dim=1)
+    scores = logits.div(temperature).softmax(dim=1)
+    b, c, h, w = logits.shape
+    if mode == 'multinomial':
+        probs = scores.permute(0, 2, 3, 1).reshape(-1, c)            # (BHW, C), the published layout
+        return torch.multinomial(probs, 1, generator=generator)[:, 0].view(b, h, w)
+    # 'quant': the expected code vector under the distribution, snapped to the nearest code.
+    expected = scores.permute(0, 2, 3, 1).reshape(-1, c) @ codebook.to(scores.dtype)   # (BHW, D)
+    return nearest_code(expected.float(), codebook.float()).view(b, h, w)
+
+
+def _device(*groups):
+    for g in groups:
+        values = g.values() if isinstance(g, dict) else [g]
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                return v.device
+    return torch.device('cpu')
+
+
+@torch.no_grad()
+def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *, steps=12, renoise_steps=None,
+           temperature=(1.0, 0.2), cfg=8.0, t_start=1.0, t_end=0.0, sampling_conditional_steps=None,
+           init_x=None, mask=None, mode='multinomial', renoise_mode='start', typical_mass=None,
+           typical_min_tokens=1, top_k=None, codebook=None, attn_weights=None, generator=None, callback=None):
+    """Sample token grids (B, H, W).
+
+    model: called as ``model(tokens, t, **inputs)`` -> logits (B, C, H, W); has ``num_labels``.
+    model_inputs / unconditional_inputs: keyword conditions of the conditional / unconditional branch
+        (unconditional defaults to zeros like the conditional inputs, as in the published v3 code).
+    latent_shape: (B, H, W); may be left out when ``init_x`` is given.
+    steps, renoise_steps (default steps - 1): denoising steps, and how many of them re-noise afterwards.
+    temperature, cfg: a number or a linear (start, end) schedule; cfg None or 0 disables guidance.
+    t_start, t_end: noise levels of the first and past-the-last step.
+    sampling_conditional_steps: guidance only for the first this many steps.
+    init_x (B, H, W): starting tokens instead of random ones. mask (B, H, W), True = generate: other
+        positions stay exactly init_x.
+    mode: 'multinomial' (the published categorical step), 'argmax', or 'quant' (needs ``codebook`` (K, D)).
+    renoise_mode: re-noise with the initial random tokens ('start', v3), this step's input ('prev'), or
+        fresh random tokens ('rand').
+    typical_mass / typical_min_tokens, top_k: optional filters on the guided logits.
+    attn_weights (Lc,): attention reweighting of the last Lc conditioning keys, conditional branch only.
+    generator: a torch.Generator for every random draw; None uses the global RNG.
+    callback(i, tokens): called after each step's draw, before re-noising.
+    """
+    if latent_shape is None:
+        if init_x is None:
+            raise ValueError("give latent_shape (B, H, W) or init_x")
+        latent_shape = tuple(init_x.shape)
+    latent_shape = tuple(int(s) for s in latent_shape)
+    if len(latent_shape) != 3 or min(latent_shape) < 1:
+        raise ValueError(f"latent_shape must be (B, H, W) with positive sizes, got {latent_shape}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if renoise_mode not in RENOISE_MODES:
+        raise ValueError(f"renoise_mode must be one of {RENOISE_MODES}, got {renoise_mode!r}")
+    if mode == 'quant' and codebook is None:
+        raise ValueError("mode='quant' needs the VQGAN codebook: codebook=vq.vquantizer.codebook.weight")
+    if init_x is not None and tuple(init_x.shape) != latent_shape:
+        raise ValueError(f"init_x has shape {tuple(init_x.shape)}, expected {latent_shape}")
+    if mask is not None:
+        if init_x is None:
+            raise ValueError("a mask needs init_x: the tokens that stay where the mask is False")
+        if tuple(mask.shape) != latent_shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the token grid {latent_shape}")
+        mask = mask.bool()
+    if typical_mass is not None and not 0 < typical_mass <= 1:
+        raise ValueError(f"typical_mass must be in (0, 1], got {typical_mass}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    temperatures = _schedule(temperature, steps, 'temperature')
+    if mode != 'argmax' and (temperatures <= 0).any():
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    guided = cfg is not None and not (isinstance(cfg, (int, float)) and cfg == 0)
+    cfgs = _schedule(cfg, steps, 'cfg') if guided else None
+    if renoise_steps is None:
+        renoise_steps = steps - 1
+    if sampling_conditional_steps is None:
+        sampling_conditional_steps = steps
+    if guided and unconditional_inputs is None:
+        unconditional_inputs = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
+                                for k, v in model_inputs.items()}
+    extra = {} if attn_weights is None else {'attn_weights': attn_weights}
+
+    device = _device(model_inputs, init_x)
+    b = latent_shape[0]
+    init_noise = torch.randint(0, model.num_labels, latent_shape, device=device, generator=generator)
+    keep = lambda x: x if mask is None else torch.where(mask, x, init_x)
+    if init_x is None:
+        x = init_noise.clone()
+    else:
+        x = keep(init_noise) if mask is not None else init_x.clone()
+    t_list = torch.linspace(t_start, t_end, steps + 1)
+    for i in range(steps):
+        t = torch.ones(b, device=device) * t_list[i]
+        logits = model(x, t, **model_inputs, **extra)
+        if guided and i < sampling_conditional_steps:
+            logits = logits * cfgs[i] + model(x, t, **unconditional_inputs) * (1 - cfgs[i])
+        if top_k is not None:
+            logits = top_k_filter(logits, top_k)
+        if typical_mass is not None:
+            logits = typical_filter(logits, typical_mass, typical_min_tokens)
+        prev, x = x, keep(draw_tokens(logits, temperatures[i], mode, generator, codebook))
+        if callback is not None:
+            callback(i, x)
+        if i < renoise_steps:
+            t_next = torch.ones(b, device=device) * t_list[i + 1]
+            random_x = {'start': init_noise, 'prev': prev, 'rand': None}[renoise_mode]
+            x = keep(add_noise(x, t_next, model.num_labels, random_x=random_x, generator=generator)[0])
+    return x

@@ -1,0 +1,64 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fixtures_dir():
+    """The published-code test vectors: $PAELLA_FIXTURES, else ../shared/fixtures beside the repo."""
+    d = Path(os.environ.get('PAELLA_FIXTURES', REPO.parent / 'shared' / 'fixtures'))
+    if not (d / 'paella_tiny.safetensors').is_file():
+        pytest.fail(f"reference fixtures not found in {d}: set PAELLA_FIXTURES to the folder "
+                    f"holding paella_tiny.safetensors")
+    return d
+
+
+def load_fixture(name):
+    """(state_dict, inputs, expected, config) from a fixture file."""
+    from safetensors import safe_open
+    with safe_open(str(fixtures_dir() / f'{name}.safetensors'), framework='pt') as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        config = json.loads(f.metadata()['config'])
+    group = lambda p: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+    return group('state_dict.'), group('inputs.'), group('expected.'), config
+
+
+@pytest.fixture(scope='session')
+def paella_fixture():
+    return load_fixture('paella_tiny')
+
+
+@pytest.fixture(scope='session')
+def vq_fixture():
+    return load_fixture('vqgan_f4_tiny')
+
+
+@pytest.fixture
+def tiny_paella(paella_fixture):
+    """The published tiny model with its perturbed weights, in eval mode."""
+    from paella import Paella
+    sd, _, _, config = paella_fixture
+    model = Paella(**config)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_vq(vq_fixture):
+    from paella import VQModel
+    sd, _, _, config = vq_fixture
+    model = VQModel(**config)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+@pytest.fixture
+def conds(paella_fixture):
+    """Conditional / unconditional inputs of the fixture's sampler call."""
+    _, inp, _, _ = paella_fixture
+    return ({'byt5': inp['byt5'], 'clip': inp['clip'], 'clip_image': None},
+            {'byt5': inp['sample_uncond_byt5'], 'clip': None, 'clip_image': None})

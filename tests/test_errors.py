@@ -1,0 +1,56 @@
+"""Bad input gets a clear error naming the problem, never a shape error from deep inside."""
+import pytest
+import torch
+
+from paella import Paella, VQModel
+
+
+def call(model, paella_fixture, **override):
+    _, inp, _, _ = paella_fixture
+    args = dict(x=inp['x'], r=inp['r'], byt5=inp['byt5'], clip=inp['clip'], clip_image=inp['clip_image'])
+    args.update(override)
+    with torch.no_grad():
+        return model(**args)
+
+
+@pytest.mark.parametrize('override, message', [
+    (dict(x=torch.full((2, 16, 16), 64)), r'token ids must lie in \[0, 63\], got values in \[64, 64\]'),
+    (dict(x=torch.full((2, 16, 16), -1)), r'token ids must lie in \[0, 63\]'),
+    (dict(x=torch.zeros(2, 16, 16)), 'integer tensor'),
+    (dict(x=torch.zeros(2, 256, dtype=torch.long)), r'shape \(B, H, W\)'),
+    (dict(x=torch.zeros(2, 12, 16, dtype=torch.long)), 'not divisible by the U-Net\'s total downsampling 8'),
+    (dict(byt5=torch.zeros(2, 7, 25)), r'text conditioning must have shape \(2, L, 24\), got \(2, 7, 25\)'),
+    (dict(byt5=torch.zeros(3, 7, 24)), r'text conditioning must have shape \(2, L, 24\)'),
+    (dict(clip=torch.zeros(2, 17)), r'clip embedding must have shape \(2, 16\)'),
+    (dict(clip_image=torch.zeros(2, 16, 1)), r'clip_image embedding must have shape \(2, 16\)'),
+    (dict(r=torch.zeros(3)), r'noise level r must have shape \(2,\)'),
+])
+def test_paella_rejects_bad_input(tiny_paella, paella_fixture, override, message):
+    with pytest.raises(ValueError, match=message):
+        call(tiny_paella, paella_fixture, **override)
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match='blocks has 2 entries but c_hidden has 3'):
+        Paella(Paella.make_config('tiny', blocks=[1, 1]))
+    with pytest.raises(ValueError, match="block type 'X'"):
+        Paella(Paella.make_config('tiny', level_config=['CT', 'CX', 'CTA']))
+    with pytest.raises(TypeError, match='not_an_argument'):
+        Paella(not_an_argument=1)
+
+
+@pytest.mark.parametrize('images, message', [
+    (torch.zeros(1, 4, 32, 32), r'\(B, 3, H, W\)'),
+    (torch.zeros(1, 3, 30, 32), 'not divisible by the VQGAN\'s factor 4'),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), 'float tensor'),
+])
+def test_vqgan_rejects_bad_images(tiny_vq, images, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_vq.encode(images)
+
+
+def test_vqgan_rejects_bad_token_ids(tiny_vq):
+    with pytest.raises(ValueError, match=r'token ids must lie in \[0, 63\]'):
+        tiny_vq.decode_indices(torch.full((1, 8, 8), 64))
+    with pytest.raises(ValueError, match='integer tensor'):
+        tiny_vq.decode_indices(torch.zeros(1, 8, 8))
