@@ -48,6 +48,47 @@ def cmd_convert(args):
     print(f"wrote {model.model_type} ({model.num_parameters():,} parameters) to {folder}/")
 
 
+def cmd_convert_v3(args):
+    from .pipeline import Pipeline
+    pipe = Pipeline.v3(args.paella, args.vqgan, args.prior, byt5=args.byt5, clip=args.clip, preset=args.preset)
+    print(f"wrote the Paella v3 pipeline to {pipe.save_pretrained(args.out)}/")
+
+
+def save_images(images, out, grid=False):
+    """Write images to out (one image), to out's stem + _i (several), or one grid image; returns the paths."""
+    from pathlib import Path
+    from PIL import Image
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if grid and len(images) > 1:
+        cols = min(len(images), 4)
+        rows = -(-len(images) // cols)
+        w, h = images[0].size
+        sheet = Image.new('RGB', (cols * w, rows * h), 'white')
+        for i, im in enumerate(images):
+            sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+        images = [sheet]
+    paths = [out] if len(images) == 1 else [out.with_name(f'{out.stem}_{i}{out.suffix}') for i in range(len(images))]
+    for im, p in zip(images, paths):
+        im.save(p)
+    return paths
+
+
+def cmd_generate(args):
+    import time
+    from .pipeline import Pipeline
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    overrides = {k: v for k, v in (('steps', args.steps), ('cfg', args.cfg)) if v is not None}
+    prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    t1 = time.perf_counter()
+    images = pipe(prompts, negative_prompt=args.negative_prompt, seed=args.seed, **overrides)
+    t2 = time.perf_counter()
+    for p in save_images(images, args.output, args.grid):
+        print(p)
+    print(f"loaded in {t1 - t0:.2f} s, generated {len(images)} image(s) in {t2 - t1:.2f} s", file=sys.stderr)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='paella', description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest='command', required=True)
@@ -64,6 +105,30 @@ def main(argv=None):
     add_checkpoint_args(p)
     p.add_argument('out', help='output folder: model.safetensors + config.json')
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser('convert-v3', help='assemble the official Paella v3 files into a pipeline folder')
+    p.add_argument('out', help='output pipeline folder')
+    p.add_argument('--paella', required=True, help='paella_v3.pt')
+    p.add_argument('--vqgan', required=True, help='vqgan_f4.pt')
+    p.add_argument('--prior', required=True, help='prior_v1.pt')
+    p.add_argument('--byt5', default='google/byt5-xl', help='ByT5 name or local folder (default: %(default)s)')
+    p.add_argument('--clip', default='laion/CLIP-ViT-H-14-laion2B-s32B-b79K',
+                   help='CLIP (transformers format) name or local folder (default: %(default)s)')
+    p.add_argument('--preset', help=argparse.SUPPRESS)      # tests: tiny models of the same architecture
+    p.set_defaults(func=cmd_convert_v3)
+
+    p = sub.add_parser('generate', help='generate images from text prompts')
+    p.add_argument('prompt', nargs='+', help='one or more prompts')
+    p.add_argument('--model', required=True, help='pipeline folder (e.g. made by paella convert-v3)')
+    p.add_argument('-o', '--output', default='paella.png', help='output image (default: %(default)s)')
+    p.add_argument('--seed', type=int, help='random seed (default: random)')
+    p.add_argument('--steps', type=int, help="sampling steps (default: the model's)")
+    p.add_argument('--cfg', type=float, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument('--negative-prompt', default='', help='what the image should not be')
+    p.add_argument('--num-images', type=int, default=1, help='images per prompt')
+    p.add_argument('--grid', action='store_true', help='save all images as one grid')
+    p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
+    p.set_defaults(func=cmd_generate)
 
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError

@@ -177,6 +177,19 @@ class TimestepBlock(nn.Module):
         return x * (1 + a) + b
 
 
+def r_embedding(r, dim, max_positions=10000):
+    """Sinusoidal embedding (B, dim) of a noise level r (B,) in [0, 1] (the published formula)."""
+    r = r * max_positions
+    half_dim = dim // 2
+    emb = math.log(max_positions) / (half_dim - 1)
+    emb = torch.arange(half_dim, device=r.device).float().mul(-emb).exp()
+    emb = r[:, None] * emb[None, :]
+    emb = torch.cat([emb.sin(), emb.cos()], dim=1)
+    if dim % 2 == 1:
+        emb = F.pad(emb, (0, 1), mode='constant')
+    return emb
+
+
 def add_noise(x, t, num_labels, mask=None, random_x=None, generator=None):
     """Replace a fraction t of the tokens x (B, H, W) by random tokens.
 
@@ -307,16 +320,7 @@ class Paella(Pretrained, nn.Module):
         return self.config.patch_size * 2 ** (len(self.config.c_hidden) - 1)
 
     def gen_r_embedding(self, r, max_positions=10000):
-        """Sinusoidal embedding (B, c_r) of the noise level r (B,) in [0, 1]."""
-        r = r * max_positions
-        half_dim = self.c_r // 2
-        emb = math.log(max_positions) / (half_dim - 1)
-        emb = torch.arange(half_dim, device=r.device).float().mul(-emb).exp()
-        emb = r[:, None] * emb[None, :]
-        emb = torch.cat([emb.sin(), emb.cos()], dim=1)
-        if self.c_r % 2 == 1:
-            emb = F.pad(emb, (0, 1), mode='constant')
-        return emb
+        return r_embedding(r, self.c_r, max_positions)
 
     def gen_c_embeddings(self, byt5, clip=None, clip_image=None):
         """Conditioning sequence (B, L + 4 [clip] + 4 [clip_image], c_cond)."""

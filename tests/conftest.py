@@ -62,3 +62,33 @@ def conds(paella_fixture):
     _, inp, _, _ = paella_fixture
     return ({'byt5': inp['byt5'], 'clip': inp['clip'], 'clip_image': None},
             {'byt5': inp['sample_uncond_byt5'], 'clip': None, 'clip_image': None})
+
+
+@pytest.fixture(scope='session')
+def hf_offline():
+    """Tests that touch transformers must never reach the network."""
+    old = os.environ.get('HF_HUB_OFFLINE')
+    os.environ['HF_HUB_OFFLINE'] = '1'
+    yield
+    if old is None:
+        os.environ.pop('HF_HUB_OFFLINE')
+    else:
+        os.environ['HF_HUB_OFFLINE'] = old
+
+
+@pytest.fixture(scope='session')
+def tiny_t5_dir(tmp_path_factory, hf_offline):
+    from hf_tiny import save_t5
+    return save_t5(tmp_path_factory.mktemp('t5'))
+
+
+@pytest.fixture(scope='session')
+def tiny_clip_dir(tmp_path_factory, hf_offline):
+    from hf_tiny import save_clip
+    return save_clip(tmp_path_factory.mktemp('clip'))
+
+
+@pytest.fixture(scope='session')
+def minilm(hf_offline):
+    from paella.conditioning import minilm_encoder
+    return minilm_encoder()

