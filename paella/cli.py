@@ -48,8 +48,16 @@ def cmd_convert(args):
     print(f"wrote {model.model_type} ({model.num_parameters():,} parameters) to {folder}/")
 
 
+def _quiet_transformers():
+    """No per-file progress bars or load reports from transformers in the command's output."""
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def cmd_convert_v3(args):
     from .pipeline import Pipeline
+    _quiet_transformers()
     pipe = Pipeline.v3(args.paella, args.vqgan, args.prior, byt5=args.byt5, clip=args.clip, preset=args.preset)
     print(f"wrote the Paella v3 pipeline to {pipe.save_pretrained(args.out)}/")
 
@@ -78,6 +86,7 @@ def cmd_generate(args):
     import time
     from .pipeline import Pipeline
     t0 = time.perf_counter()
+    _quiet_transformers()
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
     overrides = {k: v for k, v in (('steps', args.steps), ('cfg', args.cfg)) if v is not None}
     prompts = [p for p in args.prompt for _ in range(args.num_images)]

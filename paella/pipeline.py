@@ -64,6 +64,12 @@ def _load_text_encoder(spec, device):
     raise CheckpointError(f"unknown text encoder type {spec['type']!r} (expected 'byt5' or 'minilm')")
 
 
+def _source(name_or_path):
+    """A local folder as an absolute path (a saved pipeline may be used from anywhere); a hub name as is."""
+    p = Path(name_or_path)
+    return str(p.resolve()) if p.exists() else str(name_or_path)
+
+
 class Pipeline:
     def __init__(self, generator, vqgan, text_encoder, clip=None, prior=None, settings=None, specs=None):
         self.generator, self.vqgan, self.text_encoder = generator.eval(), vqgan.eval(), text_encoder
@@ -93,7 +99,7 @@ class Pipeline:
                    VQModel.from_pretrained(vqgan, preset=presets['vq'], device=device),
                    byt5_encoder(byt5, device=device, dtype=dtype), clip_encoder(clip, device=device, dtype=dtype),
                    PriorModel.from_pretrained(prior, preset=presets['prior'], device=device, dtype=dtype),
-                   specs={'text_encoder': {'type': 'byt5', 'path': str(byt5)}, 'clip': {'path': str(clip)}})
+                   specs={'text_encoder': {'type': 'byt5', 'path': _source(byt5)}, 'clip': {'path': _source(clip)}})
 
     def save_pretrained(self, folder):
         folder = Path(folder)
