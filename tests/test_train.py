@@ -1,0 +1,234 @@
+"""Training: overfitting really learns, exact resume after SIGKILL, torchrun == one process, bad data."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import synth
+from paella import Paella, VQModel, sample
+from paella.prior import CosineSchedule, PriorModel
+from paella.train import PRESETS, TrainConfig, parse_overrides, train
+from conftest import REPO
+
+ENV = {**os.environ, 'PYTHONPATH': str(REPO), 'HF_HUB_OFFLINE': '1'}
+
+
+def config(model, tmp_path, **kw):
+    base = dict(PRESETS[model], out=str(tmp_path / 'run'), preset='tiny', precision='fp32', warmup=10,
+                log_every=10, save_every=1000, tensorboard=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def logged(out):
+    return [json.loads(line) for line in open(os.path.join(out, 'metrics.jsonl'))]
+
+
+def test_generator_overfits_and_generates_the_images_back(tmp_path):
+    data = synth.preencoded_tokens(tmp_path / 'd.safetensors', n=4)
+    cfg = config('generator', tmp_path, data=str(data), steps=150, batch_size=8, lr=1e-3)
+    train(cfg)
+    assert logged(cfg.out)[-1]['acc'] > 0.9
+    model = Paella.from_pretrained(tmp_path / 'run' / 'model')
+    d = load_file(str(data))
+    tokens = sample(model, {'byt5': d['text'].float()}, (4, 8, 8), {'byt5': d['_uncond_text'].float().expand(4, -1, -1)},
+                    steps=8, cfg=2.0, temperature=(0.5, 0.1), generator=torch.Generator().manual_seed(0))
+    agreement = (tokens == d['tokens'].long()).float().mean().item()
+    assert agreement > 0.9, agreement
+
+
+def psnr(a, b):
+    return (10 * torch.log10(1 / ((a - b) ** 2).mean())).item()
+
+
+def test_vqgan_overfits_to_a_stated_psnr(tmp_path):
+    folder = synth.image_folder(tmp_path / 'shapes', 32)
+    cfg = config('vqgan', tmp_path, data=str(folder), image_size=32, steps=300, batch_size=8, lr=3e-3)
+    train(cfg)
+    vq = VQModel.from_pretrained(tmp_path / 'run' / 'model')
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32) / 255).permute(2, 0, 1)
+                          for p in sorted(folder.glob('*.png'))])
+    with torch.no_grad():
+        recon = vq.decode_indices(vq.encode_indices(images)).clamp(0, 1)
+    assert psnr(recon, images) >= 19.0                       # measured 21 dB; untrained: ~6 dB
+    assert logged(cfg.out)[-1]['used'] > 16                  # dead-code restarts keep codes alive
+
+
+def prior_loss(model, data, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image, text = data['clip_image'], data['clip_text']
+    t = 1 - torch.rand(len(image), generator=g)
+    noised, noise = CosineSchedule().diffuse(image, t, torch.randn(image.shape, generator=g))
+    with torch.no_grad():
+        return torch.nn.functional.mse_loss(model(noised, t, text), noise).item()
+
+
+def test_prior_reduces_its_loss_by_a_stated_factor(tmp_path):
+    data = synth.preencoded_pairs(tmp_path / 'pairs.safetensors')
+    cfg = config('prior', tmp_path, data=str(data), steps=300, batch_size=64, lr=3e-3, ema=0.0)
+    torch.manual_seed(cfg.seed)
+    untrained = PriorModel(PriorModel.make_config('tiny'))
+    train(cfg)
+    trained = PriorModel.from_pretrained(tmp_path / 'run' / 'model')
+    d = load_file(str(data))
+    before, after = prior_loss(untrained, d), prior_loss(trained, d)
+    assert before / after >= 3.0, (before, after)            # measured ~5x
+
+
+def train_cmd(out, data, steps, *extra):
+    return [sys.executable, '-m', 'paella.cli', 'train', f'--data={data}', f'--out={out}', '--preset=tiny',
+            f'--steps={steps}', '--batch_size=8', '--lr=1e-3', '--warmup=10', '--precision=fp32',
+            '--tensorboard=false', *extra]
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    data = synth.preencoded_tokens(tmp_path / 'd.safetensors', n=16)
+    steps = 80
+    subprocess.run(train_cmd(tmp_path / 'full', data, steps, '--save_every=5'), env=ENV, check=True,
+                   capture_output=True)
+    proc = subprocess.Popen(train_cmd(tmp_path / 'killed', data, steps, '--save_every=5'), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / 'killed' / 'checkpoints' / 'step_0000010.pt'
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()                                               # SIGKILL: no chance to clean up
+    proc.wait()
+    assert proc.returncode == -9
+    done = sorted(p.name for p in (tmp_path / 'killed' / 'checkpoints').glob('*.pt'))
+    assert f'step_{steps:07d}.pt' not in done, done           # really interrupted
+    subprocess.run(train_cmd(tmp_path / 'killed', data, steps, '--save_every=5'), env=ENV, check=True,
+                   capture_output=True)
+    a = torch.load(tmp_path / 'full' / 'checkpoints' / f'step_{steps:07d}.pt', weights_only=True)
+    b = torch.load(tmp_path / 'killed' / 'checkpoints' / f'step_{steps:07d}.pt', weights_only=True)
+    for k in a['model']:
+        torch.testing.assert_close(b['model'][k], a['model'][k], atol=1e-6, rtol=0)
+    assert a['optimizer']['state'][0]['step'] == b['optimizer']['state'][0]['step'] == steps
+
+
+@pytest.mark.parametrize('strategy', ['ddp', 'fsdp'])
+def test_torchrun_two_processes_equal_one_process(tmp_path, strategy):
+    data = synth.preencoded_tokens(tmp_path / 'd.safetensors', n=16)
+    nodrop = '--model_config={"dropout": 0.0}'
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                    *train_cmd(tmp_path / 'ddp', data, 4, nodrop, f'--fsdp={str(strategy == "fsdp").lower()}',
+                               '--grad_accum=2')[1:]], env=ENV, check=True, capture_output=True)
+    subprocess.run(train_cmd(tmp_path / 'one', data, 4, nodrop, '--grad_accum=2'), env=ENV, check=True,
+                   capture_output=True)
+    a, b = load_file(str(tmp_path / 'one' / 'model' / 'model.safetensors')), \
+        load_file(str(tmp_path / 'ddp' / 'model' / 'model.safetensors'))
+    init = Paella(Paella.make_config('tiny', dropout=0.0, byt5_embd=24))
+    assert any((a[k] - v).abs().max() > 1e-4 for k, v in init.state_dict().items())   # it did train
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
+
+
+def bad_folder(tmp_path):
+    folder = synth.image_folder(tmp_path / 'bad', 32)
+    jpeg = folder / 'red_circle.png'
+    buf = (folder / 'truncated.jpg')
+    Image.open(jpeg).convert('RGB').save(buf, 'JPEG')
+    buf.write_bytes(buf.read_bytes()[:200])
+    (folder / 'empty.png').write_bytes(b'')
+    (folder / 'text.png').write_text('I am not a picture')
+    Image.new('RGB', (1, 1), 'red').save(folder / 'tiny.png')
+    Image.open(jpeg).convert('CMYK').save(folder / 'cmyk.jpg', 'JPEG')
+    Image.open(jpeg).convert('L').save(folder / 'grey.png')
+    Image.open(jpeg).convert('RGBA').save(folder / 'rgba.png')
+    Image.open(jpeg).convert('P').save(folder / 'palette.png')
+    # A PNG header claiming 20000 x 20000 pixels, with no image data behind it.
+    import struct
+    import zlib
+    ihdr = struct.pack('>IIBBBBB', 20000, 20000, 8, 2, 0, 0, 0)
+    chunk = lambda t, d: struct.pack('>I', len(d)) + t + d + struct.pack('>I', zlib.crc32(t + d))
+    (folder / 'huge.png').write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IEND', b''))
+    (folder / 'latin.txt').write_bytes('caf\xe9'.encode('latin-1'))
+    Image.open(jpeg).save(folder / 'latin.png')
+    return folder
+
+
+def test_planted_bad_files_are_skipped_and_reported(tmp_path):
+    folder = bad_folder(tmp_path)
+    n = len([p for p in folder.iterdir() if p.suffix in ('.png', '.jpg')])
+    cfg = config('vqgan', tmp_path, data=str(folder), image_size=32, steps=2, batch_size=n, log_every=1)
+    train(cfg)
+    log = (tmp_path / 'run' / 'skipped.log').read_text()
+    for name, reason in [('truncated.jpg', 'corrupt'), ('empty.png', 'empty file'), ('text.png', 'not an image'),
+                         ('tiny.png', 'too small'), ('huge.png', 'too large')]:
+        assert f'{name}: {reason}' in log
+    for converted in ('cmyk.jpg', 'grey.png', 'rgba.png', 'palette.png'):
+        assert converted not in log
+    assert 'latin.png: caption not UTF-8' in log
+    assert logged(cfg.out)[-1]['skipped'] == 2 * 5           # five bad files, seen in both steps
+    assert (tmp_path / 'run' / 'checkpoints' / 'step_0000002.pt').exists()
+
+
+def test_overrides_are_parsed_and_checked():
+    cfg = parse_overrides(TrainConfig(), ['--steps=7', '--lr=1e-4', '--betas=[0.9, 0.95]', '--out=x', '--compile=true'])
+    assert (cfg.steps, cfg.lr, cfg.betas, cfg.out, cfg.compile) == (7, 1e-4, (0.9, 0.95), 'x', True)
+    with pytest.raises(ValueError, match="unknown setting 'stepz'"):
+        parse_overrides(TrainConfig(), ['--stepz=3'])
+    with pytest.raises(ValueError, match='--steps'):
+        parse_overrides(TrainConfig(), ['--steps=many'])
+
+
+def test_webdataset_shards_with_filters(tmp_path):
+    from paella.data import webdataset_images
+    urls = synth.shards(tmp_path / 'shards')
+    stream = iter(webdataset_images(urls, 32, seed=0, shuffle=8, max_watermark=0.5))
+    captions = {next(stream)['caption'] for _ in range(40)}
+    assert 'a red circle' not in captions and len(captions) == 7   # the watermarked sample is filtered out
+    cfg = config('vqgan', tmp_path, data=urls, image_size=32, steps=3, batch_size=4, log_every=1,
+                 filters='{"max_watermark": 0.5}')
+    train(cfg)
+    assert [r['step'] for r in logged(cfg.out)] == [1, 2, 3]
+
+
+def test_preencode_then_train_with_samples_and_ema(tmp_path, minilm):
+    from paella.data import Preencoded, preencode
+    folder = synth.image_folder(tmp_path / 'shapes', 32)
+    (tmp_path / 'vq').mkdir()
+    torch.manual_seed(0)
+    VQModel(VQModel.make_config('tiny')).save_pretrained(tmp_path / 'vq')
+    vq = VQModel.from_pretrained(tmp_path / 'vq')
+    n, skipped = preencode(folder, tmp_path / 'pre.safetensors', vq, minilm, image_size=32)
+    ds = Preencoded(tmp_path / 'pre.safetensors')
+    assert n == 8 and not skipped and len(ds) == 8
+    assert ds.tensors['tokens'].shape == (8, 8, 8) and ds.tensors['text'].shape == (8, 24, 384)
+    assert ds.meta['captions'][0] == 'a blue circle' and ds.meta['vqgan'] == str((tmp_path / 'vq').resolve())
+    with torch.no_grad():
+        assert torch.equal(ds.tensors['tokens'][0].long(), vq.encode_indices(
+            torch.from_numpy(np.asarray(Image.open(folder / 'blue_circle.png'), dtype=np.float32) / 255)
+            .permute(2, 0, 1)[None])[0])
+    cfg = config('generator', tmp_path, data=str(tmp_path / 'pre.safetensors'), steps=3, batch_size=4,
+                 sample_every=3, ema=0.9)
+    train(cfg)
+    assert Image.open(tmp_path / 'run' / 'samples' / '0000003.png').size == (4 * 32, 4 * 32)   # 8 samples + 8 targets
+    ema = load_file(str(tmp_path / 'run' / 'ema' / 'model.safetensors'))
+    model = load_file(str(tmp_path / 'run' / 'model' / 'model.safetensors'))
+    assert any(not torch.equal(ema[k], model[k]) for k in model)
+
+
+def test_generator_on_raw_images_encodes_on_the_fly(tmp_path, minilm):
+    folder = synth.image_folder(tmp_path / 'shapes', 32)
+    torch.manual_seed(0)
+    VQModel(VQModel.make_config('tiny')).save_pretrained(tmp_path / 'vq')
+    cfg = config('generator', tmp_path, data=str(folder), vqgan=str(tmp_path / 'vq'), image_size=32, steps=2,
+                 batch_size=4, log_every=1)
+    train(cfg)
+    assert len(logged(cfg.out)) == 2 and len(list((tmp_path / 'run' / 'text-cache').rglob('*.safetensors'))) == 8
+
+
+@pytest.mark.parametrize('precision', ['bf16', 'fp16'])
+def test_mixed_precision_runs(tmp_path, precision):
+    data = synth.preencoded_tokens(tmp_path / 'd.safetensors', n=4)
+    cfg = config('generator', tmp_path, data=str(data), steps=3, batch_size=4, precision=precision, log_every=1,
+                 grad_accum=2)
+    train(cfg)
+    assert all(np.isfinite(r['loss']) for r in logged(cfg.out))
