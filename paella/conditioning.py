@@ -8,13 +8,13 @@ cache key). All load from a local folder or the Hugging Face cache; none downloa
 caller's environment (set ``HF_HUB_OFFLINE=1`` to be sure).
 """
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from .checkpoint import atomic_write
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -186,10 +186,8 @@ class EmbeddingCache:
         if todo:
             for i, tensor in zip(todo, compute([items[i] for i in todo])):
                 paths[i].parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=paths[i].parent, suffix='.tmp')
-                os.close(fd)
-                save_file({'x': tensor.detach().float().cpu().contiguous()}, tmp)
-                os.replace(tmp, paths[i])       # atomic: a crash never leaves half an entry
+                x = tensor.detach().float().cpu().contiguous()
+                atomic_write(paths[i], lambda p: save_file({'x': x}, p))   # a crash never leaves half an entry
         self.misses += len(todo)
         self.hits += len(items) - len(todo)
         return [load_file(str(p))['x'] for p in paths]

@@ -255,7 +255,7 @@ def preencode(folder, out, vqgan, text_encoder=None, clip=None, image_size=64, b
     Returns (number written, list of (name, reason) skipped).
     """
     from safetensors.torch import save_file
-    from .checkpoint import _atomic_write
+    from .checkpoint import atomic_write
     from .conditioning import collate as pad_states
     ds = ImageFolder(folder, image_size, random_crop=False)
     rows = {k: [] for k in ('tokens', 'text', 'clip_text', 'clip_image')}
@@ -291,6 +291,6 @@ def preencode(folder, out, vqgan, text_encoder=None, clip=None, image_size=64, b
             'text_encoder': getattr(text_encoder, 'id', None)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p,
+    atomic_write(out, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p,
                                            metadata={'paella': json.dumps(meta)}))
     return len(names), skipped

@@ -6,13 +6,14 @@ referenced by name or path, not copied. ``Pipeline.v3(...)`` assembles the publi
 official files with the published demo's settings.
 """
 import json
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, _atomic_write
+from .checkpoint import CheckpointError, atomic_write
 from .model import Paella
 from .prior import PriorModel, sample_prior
 from .sampler import sample
@@ -64,6 +65,11 @@ def _load_text_encoder(spec, device):
     raise CheckpointError(f"unknown text encoder type {spec['type']!r} (expected 'byt5' or 'minilm')")
 
 
+def default_model_path():
+    """The folder of the default emoji model inside the installed package."""
+    return Path(__file__).resolve().parent / 'weights' / 'openmoji'
+
+
 def _source(name_or_path):
     """A local folder as an absolute path (a saved pipeline may be used from anywhere); a hub name as is."""
     p = Path(name_or_path)
@@ -101,28 +107,35 @@ class Pipeline:
                    PriorModel.from_pretrained(prior, preset=presets['prior'], device=device, dtype=dtype),
                    specs={'text_encoder': {'type': 'byt5', 'path': _source(byt5)}, 'clip': {'path': _source(clip)}})
 
-    def save_pretrained(self, folder):
+    def save_pretrained(self, folder, dtype=None):
+        """Write the pipeline folder; ``dtype=torch.float16`` halves the size of the weights on disk."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.generator.save_pretrained(folder / 'generator')
-        self.vqgan.save_pretrained(folder / 'vqgan')
-        if self.prior is not None:
-            self.prior.save_pretrained(folder / 'prior')
+        for name, model in (('generator', self.generator), ('vqgan', self.vqgan), ('prior', self.prior)):
+            if model is not None:
+                sd = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                      for k, v in model.state_dict().items()}
+                model.save_pretrained(folder / name, state_dict=sd)
         meta = {'settings': asdict(self.settings), **self.specs}
-        _atomic_write(folder / PIPELINE_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + '\n'))
+        atomic_write(folder / PIPELINE_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + '\n'))
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder, device=None):
+    def from_pretrained(cls, folder=None, device=None, dtype=torch.float32):
+        """A pipeline folder; with no folder, the emoji model shipped inside the package."""
         from .conditioning import clip_encoder
-        folder = Path(folder)
+        folder = Path(folder) if folder is not None else default_model_path()
+        if not (folder / PIPELINE_NAME).is_file() and folder == default_model_path():
+            raise CheckpointError(f"the default emoji model is not installed (expected in {folder}); "
+                                  f"pass a pipeline folder")
         if not (folder / PIPELINE_NAME).is_file():
             raise CheckpointError(f"{folder} is not a pipeline folder: it has no {PIPELINE_NAME}")
         meta = json.loads((folder / PIPELINE_NAME).read_text())
         settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta['settings'].items()})
-        prior = PriorModel.from_pretrained(folder / 'prior', device=device) if (folder / 'prior').is_dir() else None
-        return cls(Paella.from_pretrained(folder / 'generator', device=device),
-                   VQModel.from_pretrained(folder / 'vqgan', device=device),
+        # Weights may be stored in half precision to keep the package small; compute in `dtype`.
+        load = lambda cls_, sub: cls_.from_pretrained(folder / sub, device=device, dtype=dtype)
+        prior = load(PriorModel, 'prior') if (folder / 'prior').is_dir() else None
+        return cls(load(Paella, 'generator'), load(VQModel, 'vqgan'),
                    _load_text_encoder(meta['text_encoder'], device),
                    clip_encoder(meta['clip']['path'], device=device) if meta.get('clip') else None,
                    prior, settings, {k: meta[k] for k in ('text_encoder', 'clip') if k in meta})
@@ -150,8 +163,10 @@ class Pipeline:
                     attn = v3_attn_weights(text.shape[1], s.attn_text_weight, s.attn_image_weight).to(device, dtype)
         return cond, uncond, attn
 
-    def tokens(self, prompts, negative_prompt='', seed=None, generator=None, callback=None, **overrides):
-        """Sampled token grids (B, H, W) for a prompt or a list of prompts."""
+    def tokens(self, prompts, negative_prompt='', seed=None, generator=None, callback=None, timings=None,
+               **overrides):
+        """Sampled token grids (B, H, W) for a prompt or a list of prompts. ``timings`` (a dict) receives
+        the seconds spent encoding the text and sampling."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("give a prompt or a non-empty list of prompts (strings)")
@@ -159,13 +174,23 @@ class Pipeline:
         if generator is None:
             generator = torch.Generator(self.device)
             generator.manual_seed(seed) if seed is not None else generator.seed()
+        t0 = time.perf_counter()
         cond, uncond, attn = self.conditions(prompts, negative_prompt, s, generator)
-        return sample(self.generator, cond, (len(prompts), *s.latent_size), uncond, steps=s.steps,
+        t1 = time.perf_counter()
+        tokens = sample(self.generator, cond, (len(prompts), *s.latent_size), uncond, steps=s.steps,
                       renoise_steps=s.renoise_steps, temperature=s.temperature, cfg=s.cfg,
                       sampling_conditional_steps=s.sampling_conditional_steps, mode=s.mode,
                       codebook=self.vqgan.vquantizer.codebook.weight, attn_weights=attn,
-                      generator=generator, callback=callback)
+                        generator=generator, callback=callback)
+        if timings is not None:
+            timings.update(text_encoding=t1 - t0, sampling=time.perf_counter() - t1)
+        return tokens
 
-    def __call__(self, prompts, negative_prompt='', seed=None, generator=None, **overrides):
+    def __call__(self, prompts, negative_prompt='', seed=None, generator=None, timings=None, **overrides):
         """A list of PIL images, one per prompt. ``overrides`` are `Settings` fields (steps=, cfg=, ...)."""
-        return tokens_to_images(self.vqgan, self.tokens(prompts, negative_prompt, seed, generator, **overrides))
+        tokens = self.tokens(prompts, negative_prompt, seed, generator, timings=timings, **overrides)
+        t0 = time.perf_counter()
+        images = tokens_to_images(self.vqgan, tokens)
+        if timings is not None:
+            timings['decoding'] = time.perf_counter() - t0
+        return images

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import _atomic_write
+from .checkpoint import atomic_write
 from .data import ImageFolder, Preencoded, StepSampler, collate, is_shards, webdataset_images
 from .model import Paella, add_noise, loss_weight
 from .prior import CosineSchedule, PriorModel
@@ -45,6 +45,7 @@ class TrainConfig:
     steps: int = 1000
     lr: float = 3e-4
     warmup: int = 100
+    lr_schedule: str = 'constant'   # after the warm-up: 'constant' (published) or 'cosine' (to lr / 10)
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.999)
     grad_clip: float = 1.0
@@ -391,7 +392,7 @@ def train(cfg: TrainConfig):
         shard(model, device, world)                    # before the optimizer sees the parameters
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                             fused=device.type == 'cuda')
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == 'fp16')
 
     start = 0
@@ -437,7 +438,7 @@ def train(cfg: TrainConfig):
     logger = None
     if rank == 0:
         (out / 'checkpoints').mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / 'config.json', lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=2)))
+        atomic_write(out / 'config.json', lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=2)))
         logger = Logger(cfg, out, start)
     from tqdm import tqdm
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, dynamic_ncols=True,
@@ -499,7 +500,7 @@ def train(cfg: TrainConfig):
                 save_checkpoint(out, done, model, ema, *states, sched, scaler, task, cfg)
         if rank == 0 and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps) \
                 and hasattr(task, 'samples'):
-            task.samples((ema or model).eval(), done, out)
+            task.samples((ema if ema is not None else model).eval(), done, out)
             model.train()
     if rank == 0:
         logger.close()
@@ -508,6 +509,18 @@ def train(cfg: TrainConfig):
     if world > 1:
         dist.barrier()
     return model
+
+
+def lr_factor(cfg, step):
+    """Linear warm-up, then constant or a cosine decay to a tenth at cfg.steps."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if cfg.lr_schedule == 'cosine':
+        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.lr_schedule != 'constant':
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    return 1.0
 
 
 def shard(model, device, world):
@@ -540,7 +553,7 @@ def save_checkpoint(out, step, model, ema, model_state, opt_state, sched, scaler
              'task': task.state_dict(), 'config': asdict(cfg), 'model_config': asdict(model.config),
              'rng': {'torch': torch.get_rng_state()}}
     path = Path(out) / 'checkpoints' / f'step_{step:07d}.pt'
-    _atomic_write(path, lambda p: torch.save(state, p))
+    atomic_write(path, lambda p: torch.save(state, p))
     for old in checkpoints(out)[:-cfg.keep]:
         old.unlink()
     model.save_pretrained(Path(out) / 'model', state_dict=model_state)

@@ -27,6 +27,14 @@ def load_fixture(name):
     return group('state_dict.'), group('inputs.'), group('expected.'), config
 
 
+def published(cls, fixture):
+    """The published tiny model of a fixture, with its perturbed weights loaded strictly, in eval mode."""
+    sd, _, _, config = fixture
+    model = cls(**config)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
 @pytest.fixture(scope='session')
 def paella_fixture():
     return load_fixture('paella_tiny')
@@ -37,23 +45,27 @@ def vq_fixture():
     return load_fixture('vqgan_f4_tiny')
 
 
+@pytest.fixture(scope='session')
+def prior_fixture():
+    return load_fixture('prior_tiny')
+
+
 @pytest.fixture
 def tiny_paella(paella_fixture):
-    """The published tiny model with its perturbed weights, in eval mode."""
     from paella import Paella
-    sd, _, _, config = paella_fixture
-    model = Paella(**config)
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
+    return published(Paella, paella_fixture)
 
 
 @pytest.fixture
 def tiny_vq(vq_fixture):
     from paella import VQModel
-    sd, _, _, config = vq_fixture
-    model = VQModel(**config)
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
+    return published(VQModel, vq_fixture)
+
+
+@pytest.fixture
+def prior(prior_fixture):
+    from paella.prior import PriorModel
+    return published(PriorModel, prior_fixture)
 
 
 @pytest.fixture

@@ -5,23 +5,10 @@ import pytest
 import torch
 
 from paella.prior import CosineSchedule, PriorModel, sample_prior
-from conftest import fixtures_dir, load_fixture
+from conftest import fixtures_dir
 
 # The fixture's noise levels: 8 steps from 8/9 down to 0.
 TIMESTEPS = torch.linspace(1, 0, 10)[1:]
-
-
-@pytest.fixture(scope='module')
-def prior_fixture():
-    return load_fixture('prior_tiny')
-
-
-@pytest.fixture
-def prior(prior_fixture):
-    sd, _, _, config = prior_fixture
-    model = PriorModel(**config)
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
 
 
 def test_prior_output_matches_published(prior, prior_fixture):

@@ -40,6 +40,7 @@ def test_generator_overfits_and_generates_the_images_back(tmp_path):
     tokens = sample(model, {'byt5': d['text'].float()}, (4, 8, 8), {'byt5': d['_uncond_text'].float().expand(4, -1, -1)},
                     steps=8, cfg=2.0, temperature=(0.5, 0.1), generator=torch.Generator().manual_seed(0))
     agreement = (tokens == d['tokens'].long()).float().mean().item()
+    print(f"generator overfit: token accuracy {logged(cfg.out)[-1]['acc']:.3f}, sampled tokens equal {agreement:.3f}")
     assert agreement > 0.9, agreement
 
 
@@ -56,6 +57,7 @@ def test_vqgan_overfits_to_a_stated_psnr(tmp_path):
                           for p in sorted(folder.glob('*.png'))])
     with torch.no_grad():
         recon = vq.decode_indices(vq.encode_indices(images)).clamp(0, 1)
+    print(f"vqgan overfit: reconstruction PSNR {psnr(recon, images):.2f} dB")
     assert psnr(recon, images) >= 19.0                       # measured 21 dB; untrained: ~6 dB
     assert logged(cfg.out)[-1]['used'] > 16                  # dead-code restarts keep codes alive
 
@@ -78,6 +80,7 @@ def test_prior_reduces_its_loss_by_a_stated_factor(tmp_path):
     trained = PriorModel.from_pretrained(tmp_path / 'run' / 'model')
     d = load_file(str(data))
     before, after = prior_loss(untrained, d), prior_loss(trained, d)
+    print(f"prior: loss {before:.3f} -> {after:.3f} ({before / after:.1f}x)")
     assert before / after >= 3.0, (before, after)            # measured ~5x
 
 
@@ -207,8 +210,9 @@ def test_preencode_then_train_with_samples_and_ema(tmp_path, minilm):
             torch.from_numpy(np.asarray(Image.open(folder / 'blue_circle.png'), dtype=np.float32) / 255)
             .permute(2, 0, 1)[None])[0])
     cfg = config('generator', tmp_path, data=str(tmp_path / 'pre.safetensors'), steps=3, batch_size=4,
-                 sample_every=3, ema=0.9)
+                 sample_every=3, ema=0.9, tensorboard=True, log_every=1)
     train(cfg)
+    assert list((tmp_path / 'run' / 'tensorboard').glob('events.out.tfevents.*'))
     assert Image.open(tmp_path / 'run' / 'samples' / '0000003.png').size == (4 * 32, 4 * 32)   # 8 samples + 8 targets
     ema = load_file(str(tmp_path / 'run' / 'ema' / 'model.safetensors'))
     model = load_file(str(tmp_path / 'run' / 'model' / 'model.safetensors'))

@@ -1,0 +1,61 @@
+"""The evaluation's measures, and assembling a pipeline from trained parts."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from paella.evaluate import PARAPHRASES, features, frechet, psnr, retrieval
+from paella.openmoji import catalogue
+
+
+def test_retrieval_counts_ranks():
+    real = torch.eye(6)
+    gen = real.clone()
+    gen[1] = real[2] * 0.9 + real[1] * 0.1          # nearest to 2, then 1: second place
+    top1, top5 = retrieval(gen, real, list(range(6)))
+    assert top1 == pytest.approx(5 / 6) and top5 == 1.0
+
+
+def test_frechet_is_zero_for_identical_sets_and_grows_with_shift():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 32, generator=g)
+    assert abs(frechet(a, a, dims=16)) < 1e-6
+    assert frechet(a, a + 1.0, dims=16) > frechet(a, a + 0.1, dims=16) > 0
+
+
+def test_features_and_psnr():
+    white, red = Image.new('RGB', (64, 64), 'white'), Image.new('RGB', (64, 64), (255, 0, 0))
+    f = features([white, red])
+    assert f.shape == (2, 768) and f[0].min() == 1.0
+    assert psnr(white, white) == pytest.approx(100.0) and psnr(white, red) == pytest.approx(10 * np.log10(3 / 2))
+
+
+def test_paraphrase_targets_are_emoji_names():
+    names = {name for _, name, _, _, _ in catalogue()}
+    assert all(target in names for _, target in PARAPHRASES) and len(PARAPHRASES) >= 50
+    assert not any(prompt in names for prompt, _ in PARAPHRASES)
+
+
+def test_assemble_and_generate(tmp_path, minilm, capsys):
+    from paella import Paella, VQModel
+    from paella.cli import main
+    torch.manual_seed(0)
+    Paella(Paella.make_config('tiny', byt5_embd=384)).save_pretrained(tmp_path / 'gen')
+    VQModel(VQModel.make_config('tiny')).save_pretrained(tmp_path / 'vq')
+    assert main(['assemble', str(tmp_path / 'pipe'), '--generator', str(tmp_path / 'gen'), '--vqgan',
+                 str(tmp_path / 'vq'), '--image-size', '32', '--set', 'steps=3', 'cfg=2.5',
+                 'temperature=[0.9, 0.1]', '--half']) == 0
+    meta = json.loads((tmp_path / 'pipe' / 'pipeline.json').read_text())
+    assert meta['settings']['latent_size'] == [8, 8] and meta['settings']['cfg'] == 2.5
+    assert meta['text_encoder'] == {'type': 'minilm', 'path': None, 'pad_to': 24}
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / 'pipe' / 'generator' / 'model.safetensors'), 'pt') as f:
+        assert f.get_tensor('byt5_mapper.weight').dtype == torch.float16
+    assert main(['generate', 'a red apple', '--model', str(tmp_path / 'pipe'), '--seed', '0',
+                 '-o', str(tmp_path / 'a.png')]) == 0
+    assert Image.open(tmp_path / 'a.png').size == (32, 32)
+    assert main(['assemble', str(tmp_path / 'p2'), '--generator', str(tmp_path / 'gen'), '--vqgan',
+                 str(tmp_path / 'vq'), '--set', 'stepz=3']) == 2
+    assert "unknown setting 'stepz'" in capsys.readouterr().err
