@@ -62,34 +62,6 @@ def cmd_convert_v3(args):
     print(f"wrote the Paella v3 pipeline to {pipe.save_pretrained(args.out)}/")
 
 
-def save_images(images, out, grid=False, labels=None, cols=4):
-    """Write images to out (one image), to out's stem + _i (several), or one grid image (with a label
-    under each image when labels are given); returns the paths."""
-    from pathlib import Path
-    from PIL import Image, ImageDraw
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if grid and len(images) > 1:
-        cols = min(len(images), cols)
-        rows = -(-len(images) // cols)
-        w, h = images[0].size
-        label_h = 14 if labels else 0
-        cell_w = max(w, 100) if labels else w
-        sheet = Image.new('RGB', (cols * cell_w, rows * (h + label_h)), 'white')
-        draw = ImageDraw.Draw(sheet)
-        for i, im in enumerate(images):
-            x, y = (i % cols) * cell_w, (i // cols) * (h + label_h)
-            sheet.paste(im, (x + (cell_w - w) // 2, y))
-            if labels:
-                text = labels[i] if len(labels[i]) <= 16 else labels[i][:15] + '.'
-                draw.text((x + cell_w // 2, y + h + 1), text, fill='black', anchor='ma')
-        images = [sheet]
-    paths = [out] if len(images) == 1 else [out.with_name(f'{out.stem}_{i}{out.suffix}') for i in range(len(images))]
-    for im, p in zip(images, paths):
-        im.save(p)
-    return paths
-
-
 def cmd_generate(args):
     import time
     t0 = time.perf_counter()
@@ -103,6 +75,7 @@ def cmd_generate(args):
     timings = {}
     images = pipe(prompts, negative_prompt=args.negative_prompt, seed=args.seed, timings=timings, **overrides)
     t3 = time.perf_counter()
+    from .pipeline import save_images
     for p in save_images(images, args.output, args.grid, prompts if args.labels else None):
         print(p)
     if args.timings:
@@ -162,10 +135,11 @@ def cmd_assemble(args):
             raise ValueError(f"unknown setting {key!r}; settings: {', '.join(types)}")
         v = json.loads(value)
         settings[key] = tuple(v) if isinstance(v, list) else v
-    defaults = dict(latent_size=None, sampling_conditional_steps=None, attn_text_weight=None, attn_image_weight=None)
     gen, vq = Paella.from_pretrained(args.generator), VQModel.from_pretrained(args.vqgan)
-    f = vq.downsampling
-    defaults['latent_size'] = (args.image_size // f, args.image_size // f)
+    grid = args.image_size // vq.downsampling
+    # No prior or CLIP here: the v3 demo's guidance cut-off and attention reweighting do not apply.
+    defaults = dict(latent_size=(grid, grid), sampling_conditional_steps=None, attn_text_weight=None,
+                    attn_image_weight=None)
     pipe = Pipeline(gen, vq, _load_text_encoder(spec, None), settings=Settings(**{**defaults, **settings}),
                     specs={'text_encoder': spec})
     pipe.save_pretrained(args.out, dtype=torch.float16 if args.half else None)

@@ -141,7 +141,20 @@ def image_dataset(cfg):
     return ImageFolder(cfg.data, cfg.image_size, seed=cfg.seed)
 
 
-class GeneratorTask:
+class Task:
+    """A recipe: builds ``model`` and ``dataset``; ``loss`` per micro-batch; optional per-step work and state."""
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, sd):
+        pass
+
+    def after_step(self, step, model):
+        pass
+
+
+class GeneratorTask(Task):
     """Paella's recipe: frozen-VQGAN tokens, t ~ U(0, 1], random-token replacement, weighted cross-entropy."""
 
     def __init__(self, cfg, device):
@@ -173,12 +186,6 @@ class GeneratorTask:
         overrides.setdefault('byt5_embd', width)
         self.model = Paella(Paella.make_config(cfg.preset, **overrides))
 
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, sd):
-        pass
-
     def loss(self, model, batch, s):
         cfg, dev = self.cfg, self.device
         with torch.no_grad():
@@ -209,15 +216,11 @@ class GeneratorTask:
         acc = (logits.argmax(1) == to(tokens)).float().mean()
         return loss, {'acc': acc.item()}
 
-    def after_step(self, step, model):
-        pass
-
     @torch.no_grad()
     def samples(self, model, step, out):
         """A grid of samples for the first 8 captions of the data (needs the VQGAN)."""
-        from .pipeline import tokens_to_images
+        from .pipeline import save_images, tokens_to_images
         from .sampler import sample
-        from .cli import save_images
         if self.vqgan is None or not isinstance(self.dataset, Preencoded):
             return
         n = min(8, len(self.dataset))
@@ -230,7 +233,7 @@ class GeneratorTask:
         save_images(tokens_to_images(self.vqgan, torch.cat([tokens, target])), out / f'samples/{step:07d}.png', True)
 
 
-class VQTask:
+class VQTask(Task):
     """Reconstruction (L1 + MSE) + codebook and commitment losses, with dead-code restarts."""
 
     def __init__(self, cfg, device):
@@ -280,7 +283,7 @@ class VQTask:
         self.usage.zero_()
 
 
-class PriorTask:
+class PriorTask(Task):
     """Noise prediction on CLIP image embeddings noised with the cosine schedule, given text embeddings."""
 
     def __init__(self, cfg, device):
@@ -293,12 +296,6 @@ class PriorTask:
         self.model = PriorModel(PriorModel.make_config(cfg.preset, **overrides))
         self.schedule = CosineSchedule()
 
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, sd):
-        pass
-
     def loss(self, model, batch, s):
         dev = self.device
         image, text = batch['clip_image'].float(), batch['clip_text'].float()
@@ -308,9 +305,6 @@ class PriorTask:
         noised, noise = self.schedule.diffuse(image, t, s.randn(image.shape[1]))
         loss = F.mse_loss(model(noised.to(dev), t.to(dev), text.to(dev)).float(), noise.to(dev))
         return loss, {}
-
-    def after_step(self, step, model):
-        pass
 
 
 TASKS = {'generator': GeneratorTask, 'vqgan': VQTask, 'prior': PriorTask}
