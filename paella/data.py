@@ -82,17 +82,20 @@ def _sample_rng(seed, epoch, index):
 
 class ImageFolder(torch.utils.data.Dataset):
     """Images under ``root`` with captions from ``metadata.jsonl`` / ``metadata.csv`` (file_name + text or
-    caption), or a ``.txt`` beside each image (empty caption if none). Items are (epoch, index) pairs."""
+    caption; an image listed on several rows is one sample per row), or a ``.txt`` beside each image (empty
+    caption if none). Items are (epoch, index) pairs."""
 
     def __init__(self, root, image_size=256, random_crop=True, seed=0, min_size=None):
         self.root, self.image_size, self.random_crop, self.seed = Path(root), image_size, random_crop, seed
         self.min_size = min_size or image_size // 2
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
-        captions = self._metadata()
+        rows = self._metadata()
         files = sorted(p for p in self.root.rglob('*') if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-        if captions is not None:
-            files = [self.root / name for name in sorted(captions)]
+        captions = None
+        if rows is not None:
+            rows = sorted(rows, key=lambda r: r[0])          # stable: a file's rows keep their order
+            files, captions = [self.root / name for name, _ in rows], [c for _, c in rows]
         if not files:
             raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found in {self.root}")
         self.files, self.captions = files, captions
@@ -106,14 +109,14 @@ class ImageFolder(torch.utils.data.Dataset):
                 rows = list(csv.DictReader(f))
         else:
             return None
-        return {r['file_name']: r.get('text', r.get('caption', '')) for r in rows}
+        return [(r['file_name'], r.get('text', r.get('caption', ''))) for r in rows]
 
     def __len__(self):
         return len(self.files)
 
     def caption(self, i):
         if self.captions is not None:
-            return decode_caption(self.captions[self.files[i].relative_to(self.root).as_posix()])
+            return decode_caption(self.captions[i])
         txt = self.files[i].with_suffix('.txt')
         return decode_caption(txt.read_bytes()) if txt.is_file() else ('', None)
 

@@ -75,9 +75,33 @@ def psnr(a, b):
 
 
 def load_real(folder):
-    """{caption: PIL image} of a dataset folder with metadata.jsonl."""
+    """{caption: PIL image} of a dataset folder with metadata.jsonl (alias captions left out)."""
     rows = [json.loads(line) for line in (folder / 'metadata.jsonl').read_text(encoding='utf-8').splitlines()]
-    return {r['text']: Image.open(folder / r['file_name']).convert('RGB') for r in rows}
+    return {r['text']: Image.open(folder / r['file_name']).convert('RGB') for r in rows if not r.get('alias')}
+
+
+# Pairs of emoji for the regional-prompt check: left half one prompt, right half the other.
+REGIONAL_PAIRS = [
+    ('red apple', 'fire engine'), ('sun', 'snowman'), ('grapes', 'rocket'), ('pizza', 'ghost'),
+    ('banana', 'police car'), ('rainbow', 'crown'), ('tangerine', 'droplet'), ('sunflower', 'locked'),
+    ('cherries', 'taxi'), ('green apple', 'red heart'),
+]
+
+
+def regional_trials(pipe, real, trials=20, seed=0, **overrides):
+    """Rate at which a 2W x W canvas with prompt a on the left and b on the right has a left half nearer
+    (pixel-16 features) to a's render than to b's, and a right half nearer to b's than to a's.
+    real: {emoji name: PIL render}. Trial i uses pair i mod 10 and seed ``seed + i``."""
+    w, h = pipe.image_size
+    wins = []
+    for i in range(trials):
+        a, b = REGIONAL_PAIRS[i % len(REGIONAL_PAIRS)]
+        image = pipe.regional([(a, (0, 0, w, h)), (b, (w, 0, 2 * w, h))], size=(2 * w, h), seed=seed + i,
+                              **overrides)[0]
+        halves = features([image.crop((0, 0, w, h)), image.crop((w, 0, 2 * w, h))])
+        d = torch.cdist(halves, features([real[a], real[b]]))           # (2 halves, 2 renders)
+        wins.append(bool(d[0, 0] < d[0, 1] and d[1, 1] < d[1, 0]))
+    return sum(wins) / len(wins), wins
 
 
 def evaluate(pipe, folder, n=200, seed=0, batch=16, **overrides):

@@ -8,6 +8,10 @@ Choices (see `build`):
   ``skin_tones=True`` keeps them ("waving hand: medium skin tone").
 - OpenMoji's private-use extras (U+E000-U+F8FF, 367 files) have no Unicode name, hence no caption: left out.
 - File names drop U+FE0F (the emoji presentation selector), so it is dropped from both sides of the lookup.
+- ``aliases=True`` adds, for about 1100 emoji, one extra row per short name from the `emoji` package
+  (GitHub-style shortcodes such as ':coffee:' for 'hot beverage', written 'coffee'), marked
+  ``"alias": true``: more ways to ask for the same picture. Prompts in ``exclude`` (the held-out
+  paraphrases of `paella eval`) are never used as captions.
 """
 import json
 import re
@@ -68,6 +72,17 @@ def catalogue(skin_tones=False):
     return rows
 
 
+def short_names():
+    """{emoji without FE0F: [short names]} from the `emoji` package's aliases (':smiley_cat:' -> 'smiley cat')."""
+    import emoji as emoji_pkg
+    out = {}
+    for char, info in emoji_pkg.EMOJI_DATA.items():
+        names = [a.strip(':').replace('_', ' ') for a in info.get('alias', [])]
+        if names:
+            out.setdefault(char.replace('\ufe0f', ''), []).extend(names)
+    return out
+
+
 def render(svg, size):
     """PNG bytes of an SVG rendered at size x size on white."""
     import resvg_py
@@ -75,15 +90,23 @@ def render(svg, size):
                                        skip_system_fonts=True))
 
 
-def build(out, size=64, skin_tones=False, limit=None):
-    """Write ``out/<codepoints>.png`` and ``out/metadata.jsonl`` (file_name, text, emoji, group, subgroup)."""
+def build(out, size=64, skin_tones=False, limit=None, aliases=False, exclude=()):
+    """Write ``out/<codepoints>.png`` and ``out/metadata.jsonl`` (file_name, text, emoji, group, subgroup;
+    alias rows also carry ``"alias": true``). Returns the number of images."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = catalogue(skin_tones)[:limit]
+    extra = short_names() if aliases else {}
+    banned = {e.lower() for e in exclude}
     with open(out / 'metadata.jsonl', 'w', encoding='utf-8') as meta:
         for svg, name, emoji, group, subgroup in rows:
             (out / f'{svg.stem}.png').write_bytes(render(svg, size))
-            meta.write(json.dumps({'file_name': f'{svg.stem}.png', 'text': name, 'emoji': emoji,
-                                   'group': group, 'subgroup': subgroup}, ensure_ascii=False) + '\n')
+            row = {'file_name': f'{svg.stem}.png', 'text': name, 'emoji': emoji, 'group': group, 'subgroup': subgroup}
+            meta.write(json.dumps(row, ensure_ascii=False) + '\n')
+            taken = {name.lower()} | banned
+            for alias in extra.get(emoji.replace('\ufe0f', ''), []):
+                if alias.lower() not in taken:
+                    taken.add(alias.lower())
+                    meta.write(json.dumps({**row, 'text': alias, 'alias': True}, ensure_ascii=False) + '\n')
     (out / 'ATTRIBUTION.txt').write_text(ATTRIBUTION + '\n')
     return len(rows)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, atomic_write
+from .editing import EditingMixin
 from .model import Paella
 from .prior import PriorModel, sample_prior
 from .sampler import sample
@@ -103,7 +104,9 @@ def _source(name_or_path):
     return str(p.resolve()) if p.exists() else str(name_or_path)
 
 
-class Pipeline:
+class Pipeline(EditingMixin):
+    """Text-to-image (``pipe(prompts)``) and the editing modes of `EditingMixin`."""
+
     def __init__(self, generator, vqgan, text_encoder, clip=None, prior=None, settings=None, specs=None):
         self.generator, self.vqgan, self.text_encoder = generator.eval(), vqgan.eval(), text_encoder
         self.clip, self.prior = clip, prior.eval() if prior is not None else None
@@ -167,8 +170,9 @@ class Pipeline:
                    clip_encoder(meta['clip']['path'], device=device) if meta.get('clip') else None,
                    prior, settings, {k: meta[k] for k in ('text_encoder', 'clip') if k in meta})
 
-    def conditions(self, prompts, negative_prompt='', settings=None, generator=None):
-        """(conditional inputs, unconditional inputs, attention weights) for the sampler."""
+    def conditions(self, prompts, negative_prompt='', settings=None, generator=None, image_embeddings=None):
+        """(conditional inputs, unconditional inputs, attention weights) for the sampler. With a CLIP
+        encoder, ``image_embeddings`` (B, D) replace the prior's (variations)."""
         s = settings or self.settings
         device, dtype = self.device, next(self.generator.parameters()).dtype
         b = len(prompts)
@@ -181,14 +185,48 @@ class Pipeline:
         if self.clip is not None:
             clip_text = self.clip.encode_text(list(prompts) + [negative_prompt] * b).to(device)
             cond['clip'], uncond['clip'] = clip_text[:b].to(dtype), clip_text[b:].to(dtype)
-            if self.prior is not None:
+            image = image_embeddings
+            if image is None and self.prior is not None:
                 image = sample_prior(self.prior, clip_text[:b].to(next(self.prior.parameters()).dtype),
                                      steps=s.prior_steps, cfg=s.prior_cfg, sampler=s.prior_sampler,
                                      generator=generator)
-                cond['clip_image'] = image.to(dtype)
+            if image is not None:
+                cond['clip_image'] = image.to(device, dtype)
                 if s.attn_text_weight is not None:
                     attn = v3_attn_weights(text.shape[1], s.attn_text_weight, s.attn_image_weight).to(device, dtype)
         return cond, uncond, attn
+
+    def _generator(self, seed=None, generator=None):
+        """The generator every random draw of a call comes from: the one given, or one seeded with ``seed``
+        (a random seed when None)."""
+        if generator is not None:
+            return generator
+        generator = torch.Generator(self.device)
+        generator.manual_seed(seed) if seed is not None else generator.seed()
+        return generator
+
+    def _sample(self, cond, uncond, attn, batch, s, generator, model=None, callback=None, **kwargs):
+        """`sample` with the settings ``s``; kwargs: init_x, mask, t_start."""
+        return sample(model or self.generator, cond, (batch, *s.latent_size), uncond, steps=s.steps,
+                      renoise_steps=s.renoise_steps, temperature=s.temperature, cfg=s.cfg,
+                      sampling_conditional_steps=s.sampling_conditional_steps, mode=s.mode,
+                      codebook=self.vqgan.vquantizer.codebook.weight, attn_weights=attn,
+                      generator=generator, callback=callback, **kwargs)
+
+    def _run(self, prompts, negative_prompt, seed, generator, overrides, timings=None, callback=None,
+             image_embeddings=None, **kwargs):
+        """Encode the prompts and sample; with init_x, the token grid's size comes from it."""
+        s = replace(self.settings, **overrides)
+        if 'init_x' in kwargs:
+            s = replace(s, latent_size=tuple(kwargs['init_x'].shape[1:]))
+        generator = self._generator(seed, generator)
+        t0 = time.perf_counter()
+        cond, uncond, attn = self.conditions(prompts, negative_prompt, s, generator, image_embeddings)
+        t1 = time.perf_counter()
+        tokens = self._sample(cond, uncond, attn, len(prompts), s, generator, callback=callback, **kwargs)
+        if timings is not None:
+            timings.update(text_encoding=t1 - t0, sampling=time.perf_counter() - t1)
+        return tokens
 
     def tokens(self, prompts, negative_prompt='', seed=None, generator=None, callback=None, timings=None,
                **overrides):
@@ -197,27 +235,15 @@ class Pipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("give a prompt or a non-empty list of prompts (strings)")
-        s = replace(self.settings, **overrides)
-        if generator is None:
-            generator = torch.Generator(self.device)
-            generator.manual_seed(seed) if seed is not None else generator.seed()
-        t0 = time.perf_counter()
-        cond, uncond, attn = self.conditions(prompts, negative_prompt, s, generator)
-        t1 = time.perf_counter()
-        tokens = sample(self.generator, cond, (len(prompts), *s.latent_size), uncond, steps=s.steps,
-                      renoise_steps=s.renoise_steps, temperature=s.temperature, cfg=s.cfg,
-                      sampling_conditional_steps=s.sampling_conditional_steps, mode=s.mode,
-                      codebook=self.vqgan.vquantizer.codebook.weight, attn_weights=attn,
-                        generator=generator, callback=callback)
-        if timings is not None:
-            timings.update(text_encoding=t1 - t0, sampling=time.perf_counter() - t1)
-        return tokens
+        return self._run(prompts, negative_prompt, seed, generator, overrides, timings, callback)
 
-    def __call__(self, prompts, negative_prompt='', seed=None, generator=None, timings=None, **overrides):
-        """A list of PIL images, one per prompt. ``overrides`` are `Settings` fields (steps=, cfg=, ...)."""
-        tokens = self.tokens(prompts, negative_prompt, seed, generator, timings=timings, **overrides)
+    def __call__(self, prompts, negative_prompt='', seed=None, generator=None, timings=None, output='pil',
+                 callback=None, **overrides):
+        """A list of PIL images, one per prompt (``output='tokens'``: the token grids). ``overrides`` are
+        `Settings` fields (steps=, cfg=, ...)."""
+        tokens = self.tokens(prompts, negative_prompt, seed, generator, callback, timings, **overrides)
         t0 = time.perf_counter()
-        images = tokens_to_images(self.vqgan, tokens)
+        images = self._finish(tokens, output)
         if timings is not None:
             timings['decoding'] = time.perf_counter() - t0
         return images

@@ -37,6 +37,8 @@ class TrainConfig:
     preset: str = 'small'           # model size preset
     model_config: str = ''          # JSON of model config overrides, e.g. '{"c_cond": 512}'
     init: str = ''                  # start from these weights (a model folder) instead of random ones
+    freeze: str = ''                # parameters to keep fixed: comma-separated name prefixes, e.g.
+                                    # 'in_block,down_blocks,vquantizer' trains a VQGAN's decoder alone
     vqgan: str = ''                 # generator on raw images: the frozen VQGAN's folder
     text_encoder: str = 'minilm'    # generator on raw images: 'minilm' or 'byt5:<path>'
     image_size: int = 64
@@ -266,7 +268,7 @@ class VQTask(Task):
     @torch.no_grad()
     def after_step(self, step, model):
         every = self.cfg.dead_code_every
-        if not every or (step + 1) % every:
+        if not every or (step + 1) % every or not model.vquantizer.codebook.weight.requires_grad:
             return
         usage = self.usage.to(self.device)
         if dist.is_initialized():
@@ -380,11 +382,17 @@ def train(cfg: TrainConfig):
     ck = torch.load(checkpoints(out)[-1], map_location='cpu', weights_only=True) if checkpoints(out) else None
     if ck is not None:
         model.load_state_dict(ck['model'])
-    model.to(device).train()
+    if cfg.freeze and not any(_frozen(n, cfg.freeze) for n, _ in model.named_parameters()):
+        raise ValueError(f"freeze={cfg.freeze!r} matches no parameter of the {cfg.model}")
+    for n, p in model.named_parameters():
+        p.requires_grad_(not _frozen(n, cfg.freeze))
+    train_mode(model, cfg.freeze)
+    model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema else None
     if fsdp:
         shard(model, device, world)                    # before the optimizer sees the parameters
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
+                            weight_decay=cfg.weight_decay,
                             fused=device.type == 'cuda')
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == 'fp16')
@@ -495,13 +503,26 @@ def train(cfg: TrainConfig):
         if rank == 0 and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps) \
                 and hasattr(task, 'samples'):
             task.samples((ema if ema is not None else model).eval(), done, out)
-            model.train()
+            train_mode(model, cfg.freeze)
     if rank == 0:
         logger.close()
         if skipped:
             print(f"skipped {skipped} bad samples; see {out / 'skipped.log'}")
     if world > 1:
         dist.barrier()
+    return model
+
+
+def _frozen(name, freeze):
+    return any(name == f or name.startswith(f + '.') for f in freeze.split(',') if f)
+
+
+def train_mode(model, freeze=''):
+    """model.train(), except frozen modules stay in eval mode: their batch-norm statistics stay fixed too."""
+    model.train()
+    for name, module in model.named_modules():
+        if name and _frozen(name, freeze):
+            module.eval()
     return model
 
 

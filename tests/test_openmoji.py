@@ -39,3 +39,24 @@ def test_data_preencode_train_commands(tmp_path, minilm, capsys):
     assert "unknown setting 'stepz'" in capsys.readouterr().err
     assert main(['train', '--help']) == 0
     assert '--batch_size=32' in capsys.readouterr().out
+
+
+def test_alias_captions_are_extra_rows_and_never_eval_paraphrases(tmp_path):
+    from paella.data import ImageFolder
+    from paella.evaluate import PARAPHRASES, load_real
+    from paella.openmoji import build
+    keycaps = build(tmp_path / 'e', size=32, limit=16, aliases=True, exclude=['five'])
+    meta = [json.loads(line) for line in (tmp_path / 'e' / 'metadata.jsonl').read_text().splitlines()]
+    aliases = [r for r in meta if r.get('alias')]
+    assert keycaps == 16 and len(meta) == 16 + len(aliases) and aliases
+    assert {'zero', 'one', 'hash'} <= {r['text'] for r in aliases} and 'five' not in {r['text'] for r in meta}
+    by_file = {r['file_name']: r['text'] for r in meta if not r.get('alias')}
+    assert all(r['file_name'] in by_file for r in aliases)
+    assert len(load_real(tmp_path / 'e')) == 16                  # eval compares against names only
+    ds = ImageFolder(tmp_path / 'e', image_size=32)
+    assert len(ds) == len(meta)                                  # one sample per caption row
+    assert sorted(ds.caption(i)[0] for i in range(len(ds))) == sorted(r['text'] for r in meta)
+    # The CLI never uses an eval paraphrase as a caption.
+    assert main(['data', 'openmoji', '--out', str(tmp_path / 'f'), '--size', '16', '--limit', '900', '--aliases']) == 0
+    texts = {json.loads(line)['text'] for line in (tmp_path / 'f' / 'metadata.jsonl').read_text().splitlines()}
+    assert not texts & {p for p, _ in PARAPHRASES}

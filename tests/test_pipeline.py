@@ -95,3 +95,17 @@ def test_cli_convert_v3_and_generate(official_files, tiny_t5_dir, tiny_clip_dir,
     assert Image.open(tmp_path / 'one.png').size == (64, 64)
     assert main(['generate', 'x', '--model', str(tmp_path / 'nope')]) == 2
     assert 'not a pipeline folder' in capsys.readouterr().err
+
+
+def test_v3_variations_use_the_clip_image_embedding(pipe, monkeypatch):
+    from PIL import Image
+    red, blue = Image.new('RGB', (64, 64), (220, 30, 30)), Image.new('RGB', (64, 64), (30, 30, 220))
+    seen = []
+    original = pipe._sample
+    monkeypatch.setattr(pipe, '_sample', lambda cond, *a, **k: seen.append(cond) or original(cond, *a, **k))
+    a = pipe.variations(red, n=2, seed=0, output='tokens', **FAST)
+    assert torch.equal(a, pipe.variations(red, n=2, seed=0, output='tokens', **FAST))
+    assert a.shape == (2, 16, 16) and not torch.equal(a[0], a[1])
+    assert torch.equal(seen[0]['clip_image'], pipe.clip.encode_images([red]).expand(2, -1).to(seen[0]['byt5']))
+    b = pipe.variations(blue, n=2, seed=0, output='tokens', **FAST)
+    assert not torch.equal(seen[-1]['clip_image'], seen[0]['clip_image']) and not torch.equal(a, b)

@@ -236,3 +236,19 @@ def test_mixed_precision_runs(tmp_path, precision):
                  grad_accum=2)
     train(cfg)
     assert all(np.isfinite(r['loss']) for r in logged(cfg.out))
+
+
+def test_freeze_trains_only_the_rest(tmp_path):
+    folder = synth.image_folder(tmp_path / 'shapes')
+    torch.manual_seed(0)
+    VQModel(VQModel.make_config('tiny')).save_pretrained(tmp_path / 'vq0')
+    frozen = 'in_block,down_blocks,vquantizer'
+    cfg = config('vqgan', tmp_path, data=str(folder), image_size=32, steps=3, batch_size=4, init=str(tmp_path / 'vq0'),
+                 freeze=frozen, dead_code_every=1)
+    before, after = VQModel.from_pretrained(tmp_path / 'vq0').state_dict(), train(cfg).state_dict()
+    for k in before:
+        same = torch.equal(before[k], after[k])
+        assert same == k.startswith(tuple(frozen.split(','))), k
+    with pytest.raises(ValueError, match='matches no parameter'):
+        train(config('vqgan', tmp_path, data=str(folder), out=str(tmp_path / 'r2'), image_size=32, steps=1,
+                     batch_size=4, freeze='encoder'))
