@@ -68,7 +68,9 @@ def cmd_generate(args):
     from .pipeline import Pipeline
     _quiet_transformers()
     t1 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    if args.compile:
+        pipe.compile()
     overrides = {k: v for k, v in (('steps', args.steps), ('cfg', args.cfg)) if v is not None}
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     t2 = time.perf_counter()
@@ -130,6 +132,20 @@ def cmd_edit_mode(args):
         images = pipe.regional(regions, args.size, args.background, num_images=args.num_images, **common)
     for path in save_images(images, args.output, args.grid, cols=min(len(images), 8)):
         print(path)
+
+
+def cmd_serve(args):
+    from .pipeline import Pipeline
+    from .serve import HOST, Limits, serve
+    _quiet_transformers()
+    limits = Limits(max_steps=args.max_steps, max_size=args.max_size, max_images=args.max_images,
+                    max_prompt=args.max_prompt, max_body=args.max_body, concurrency=args.concurrency,
+                    queue=args.queue)
+    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    if args.host != HOST:
+        print(f"paella serve: listening on {args.host}: reachable from other machines", file=sys.stderr)
+    print(f"paella serve: http://{args.host}:{args.port}/ (web app), /v1/generate, /v1/edit (API)", flush=True)
+    serve(pipe, args.host, args.port, limits, with_web=not args.api_only)
 
 
 TRAIN_COMMANDS = {'train': 'generator', 'train-vq': 'vqgan', 'train-prior': 'prior'}
@@ -231,6 +247,7 @@ def main(argv=None):
         except (ValueError, FileNotFoundError) as e:
             print(f"paella {argv[0]}: error: {e}", file=sys.stderr)
             return 2
+    from .serve import Limits
     parser = argparse.ArgumentParser(prog='paella', description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest='command', required=True)
 
@@ -270,6 +287,8 @@ def main(argv=None):
     p.add_argument('--grid', action='store_true', help='save all images as one grid')
     p.add_argument('--labels', action='store_true', help='with --grid: write each prompt under its image')
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
+    p.add_argument('--dtype', default='auto', help="generator weights: auto (bf16 where native), fp32 or bf16")
+    p.add_argument('--compile', action='store_true', help='torch.compile the generator (slow first call)')
     p.add_argument('--timings', action='store_true', help='print where the time went')
     p.set_defaults(func=cmd_generate)
 
@@ -313,6 +332,22 @@ def main(argv=None):
     p.add_argument('--size', type=_size, help="canvas WIDTHxHEIGHT (default: the model's)")
     p.add_argument('--background', default='', help='prompt outside every region (default: empty)')
     p.add_argument('--num-images', type=int, default=1)
+
+    p = sub.add_parser('serve', help='web app and HTTP API for a model')
+    p.add_argument('--model', help='pipeline folder (default: the emoji model shipped in the package)')
+    p.add_argument('--host', default='127.0.0.1',
+                   help='address to listen on (default: %(default)s, this machine only; 0.0.0.0: every interface)')
+    p.add_argument('--port', type=int, default=7860)
+    p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
+    p.add_argument('--api-only', action='store_true', help='the /v1 HTTP API without the web app')
+    limits = Limits()
+    for name, help_ in (('max_steps', 'sampling steps per request'), ('max_size', 'canvas / upload side, pixels'),
+                        ('max_images', 'images per request'), ('max_prompt', 'characters per prompt'),
+                        ('max_body', 'request body bytes'), ('concurrency', 'generations at once'),
+                        ('queue', 'requests waiting beyond those (more get 503)')):
+        p.add_argument('--' + name.replace('_', '-'), type=int, default=getattr(limits, name),
+                       help=f'{help_} (default: %(default)s)')
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser('preencode', help='encode an image folder once (VQGAN tokens, text states, CLIP) for training')
     p.add_argument('data', help='image folder with captions')

@@ -46,8 +46,8 @@ def load_image(image, what='image'):
     try:
         with Image.open(source) as im:
             return im.convert('RGB')
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{what} is not a readable image: {e}") from None
+    except (UnidentifiedImageError, OSError):
+        raise ValueError(f"{what} is not a readable image (PNG, JPEG, WebP, ...)") from None
 
 
 def load_mask(mask, size):

@@ -61,15 +61,23 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class GlobalResponseNorm(nn.Module):
-    """ConvNeXt-V2 global response normalisation on channels-last (B, H, W, C) input."""
+    """ConvNeXt-V2 global response normalisation on channels-last (B, H, W, C) input.
+
+    The L2 norm over H and W is a sum of squares: on CPUs ``torch.norm`` over two non-last dimensions was
+    16x slower than this and a quarter of a small model's time (``published = True``: torch.norm).
+    """
 
     def __init__(self, dim):
         super().__init__()
         self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.published = False
 
     def forward(self, x):
-        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)   # (B, 1, 1, C)
+        if self.published:
+            gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)                  # (B, 1, 1, C)
+        else:
+            gx = x.square().sum((1, 2), keepdim=True, dtype=torch.float32).sqrt().to(x.dtype)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         return self.gamma * (x * nx) + self.beta + x
 
@@ -98,10 +106,11 @@ class ResBlock(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention with the parameters of ``nn.MultiheadAttention`` (in_proj_weight,
-    in_proj_bias, out_proj) computed through ``scaled_dot_product_attention``.
+    in_proj_bias, out_proj) computed through ``scaled_dot_product_attention`` (``fused = False``: the
+    explicit softmax(q k^T / sqrt(d)) v of the published module, for reference timings).
 
-    ``key_weights`` (Lc,) multiplies the attention probabilities of the last Lc keys after the softmax
-    (not renormalised), as the published v3 demo does. Because the factor depends on the key alone,
+    ``key_weights`` (Lc,) or (B, Lc) multiplies the attention probabilities of the last Lc keys after the
+    softmax (not renormalised), as the published v3 demo does. Because the factor depends on the key alone,
     scaling the values of those keys is the same product and keeps the fused kernel.
     """
 
@@ -111,20 +120,32 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * c, c))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * c))
         self.out_proj = nn.Linear(c, c)
+        self.fused = True
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x, kv, key_weights=None):
+    def project_kv(self, kv):
+        """Keys and values (B, L, C) each of a key sequence kv (B, L, C)."""
+        c = self.embed_dim
+        return F.linear(kv, self.in_proj_weight[c:], self.in_proj_bias[c:]).unflatten(-1, (2, c)).unbind(-2)
+
+    def forward(self, x, kv=None, key_weights=None, cached=None):
+        """x (B, Lq, C) attends to kv (B, Lk, C), then to the (keys, values) ``cached`` from `project_kv`
+        of a conditioning sequence (the same projections, computed once for every sampling step)."""
         b, lq, c = x.shape
-        w_q, w_kv = self.in_proj_weight.split([c, 2 * c])
-        b_q, b_kv = self.in_proj_bias.split([c, 2 * c])
-        q = F.linear(x, w_q, b_q)                                   # (B, Lq, C)
-        k, v = F.linear(kv, w_kv, b_kv).unflatten(-1, (2, c)).unbind(-2)   # (B, Lk, C) each
+        q = F.linear(x, self.in_proj_weight[:c], self.in_proj_bias[:c])   # (B, Lq, C)
+        parts = ([self.project_kv(kv)] if kv is not None else []) + ([cached] if cached is not None else [])
+        k, v = (torch.cat(t, dim=1) if len(t) > 1 else t[0] for t in zip(*parts))   # (B, Lk, C) each
         if key_weights is not None:
-            ones = key_weights.new_ones(k.shape[1] - key_weights.shape[0])
-            v = v * torch.cat([ones, key_weights])[None, :, None].to(v.dtype)
+            w = key_weights if key_weights.dim() == 2 else key_weights[None].expand(b, -1)   # (B, Lc)
+            w = torch.cat([w.new_ones(b, k.shape[1] - w.shape[1]), w], dim=1)
+            v = (v.float() * w[:, :, None].float()).to(v.dtype) if v.dtype != w.dtype else v * w[:, :, None]
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)   # (B, nh, L, C/nh)
-        o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v),
-                                           dropout_p=self.dropout if self.training else 0.0)
+        q, k, v = heads(q), heads(k), heads(v)
+        p = self.dropout if self.training else 0.0
+        if self.fused:
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:
+            o = F.dropout((q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1), p) @ v
         return self.out_proj(o.transpose(1, 2).reshape(b, lq, c))
 
 
@@ -133,12 +154,11 @@ class Attention2D(nn.Module):
         super().__init__()
         self.attn = Attention(c, nhead, dropout)
 
-    def forward(self, x, kv, self_attn=False, key_weights=None):
+    def forward(self, x, cached, self_attn=False, key_weights=None):
+        """x (B, C, H, W) attends to itself (self_attn) and to the conditioning keys/values ``cached``."""
         b, c, h, w = x.shape
         x = x.view(b, c, h * w).permute(0, 2, 1)                   # (B, HW, C)
-        if self_attn:
-            kv = torch.cat([x, kv], dim=1)                          # (B, HW + Lc, C)
-        x = self.attn(x, kv, key_weights)
+        x = self.attn(x, x if self_attn else None, key_weights, cached)
         return x.permute(0, 2, 1).reshape(b, c, h, w)
 
 
@@ -150,9 +170,13 @@ class AttnBlock(nn.Module):
         self.attention = Attention2D(c, nhead, dropout)
         self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
 
-    def forward(self, x, kv, key_weights=None):
-        kv = self.kv_mapper(kv)                                     # (B, Lc, C)
-        return x + self.attention(self.norm(x), kv, self_attn=self.self_attn, key_weights=key_weights)
+    def cond_kv(self, c_embed):
+        """This block's keys and values (B, Lc, C) each of the conditioning sequence (B, Lc, c_cond)."""
+        return self.attention.attn.project_kv(self.kv_mapper(c_embed))
+
+    def forward(self, x, c_embed=None, key_weights=None, cached=None):
+        cached = self.cond_kv(c_embed) if cached is None else cached
+        return x + self.attention(self.norm(x), cached, self_attn=self.self_attn, key_weights=key_weights)
 
 
 class FeedForwardBlock(nn.Module):
@@ -291,6 +315,7 @@ class Paella(Pretrained, nn.Module):
         self.out_mapper = nn.Sequential(
             LayerNorm2d(cfg.c_out, elementwise_affine=False, eps=1e-6),
             nn.Conv2d(cfg.c_out, cfg.num_labels, kernel_size=1, bias=False))
+        self.out_mapper_published = False
         self._init_weights()
 
     def _init_weights(self):
@@ -330,57 +355,99 @@ class Paella(Pretrained, nn.Module):
                 seq = torch.cat([seq, mapper(vec).view(vec.size(0), -1, self.c_cond)], dim=1)
         return self.seq_norm(seq)
 
-    def check_inputs(self, x, r, byt5, clip=None, clip_image=None):
-        """Raise ValueError naming the problem, before it becomes a shape error deep inside."""
+    def check_inputs(self, x, r, byt5, clip=None, clip_image=None, batch=None):
+        """Raise ValueError naming the problem, before it becomes a shape error deep inside. x and r may be
+        None (conditioning alone, `prepare`); byt5 may be None with ``batch`` (the cache's batch size)."""
         cfg = self.config
-        if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"tokens must be an integer tensor (B, H, W), got {getattr(x, 'dtype', type(x))}")
-        if x.dim() != 3:
-            raise ValueError(f"tokens must have shape (B, H, W), got {tuple(x.shape)}")
-        b, h, w = x.shape
-        if h % self.downsampling or w % self.downsampling:
-            raise ValueError(f"token grid {h}x{w} is not divisible by the U-Net's total downsampling "
-                             f"{self.downsampling} (patch_size {cfg.patch_size} x 2^{len(cfg.c_hidden) - 1})")
-        if x.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(x.min()), int(x.max())
-            if lo < 0 or hi >= cfg.num_labels:
-                raise ValueError(f"token ids must lie in [0, {cfg.num_labels - 1}], got values in [{lo}, {hi}]")
-        if not isinstance(r, torch.Tensor) or r.shape != (b,):
-            raise ValueError(f"noise level r must have shape ({b},), got {tuple(getattr(r, 'shape', ()))}")
+        if x is not None:
+            if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+                raise ValueError(f"tokens must be an integer tensor (B, H, W), got {getattr(x, 'dtype', type(x))}")
+            if x.dim() != 3:
+                raise ValueError(f"tokens must have shape (B, H, W), got {tuple(x.shape)}")
+            b, h, w = x.shape
+            if h % self.downsampling or w % self.downsampling:
+                raise ValueError(f"token grid {h}x{w} is not divisible by the U-Net's total downsampling "
+                                 f"{self.downsampling} (patch_size {cfg.patch_size} x 2^{len(cfg.c_hidden) - 1})")
+            if x.numel() and not torch.compiler.is_compiling():
+                lo, hi = int(x.min()), int(x.max())
+                if lo < 0 or hi >= cfg.num_labels:
+                    raise ValueError(f"token ids must lie in [0, {cfg.num_labels - 1}], got values in [{lo}, {hi}]")
+            if not isinstance(r, torch.Tensor) or r.shape != (b,):
+                raise ValueError(f"noise level r must have shape ({b},), got {tuple(getattr(r, 'shape', ()))}")
+        else:
+            b = byt5.shape[0] if isinstance(byt5, torch.Tensor) and byt5.dim() == 3 else None
+        if byt5 is None and batch is not None:
+            if batch != b:
+                raise ValueError(f"the conditioning cache is for a batch of {batch}, the tokens are {b}")
+            return
         if byt5 is None or byt5.dim() != 3 or byt5.shape[0] != b or byt5.shape[2] != cfg.byt5_embd:
-            raise ValueError(f"text conditioning must have shape ({b}, L, {cfg.byt5_embd}), "
+            raise ValueError(f"text conditioning must have shape ({b or 'B'}, L, {cfg.byt5_embd}), "
                              f"got {None if byt5 is None else tuple(byt5.shape)}")
         for name, vec in (('clip', clip), ('clip_image', clip_image)):
             if vec is not None and (vec.dim() != 2 or vec.shape != (b, cfg.clip_embd)):
                 raise ValueError(f"{name} embedding must have shape ({b}, {cfg.clip_embd}), got {tuple(vec.shape)}")
 
-    def _blocks(self, level, x, r_embed, c_embed, skip=None, key_weights=None):
+    def _blocks(self, level, x, r_embed, c_embed, skip=None, key_weights=None, cached=None):
         for j, block in enumerate(level):
             if isinstance(block, ResBlock):
                 x = block(x, skip if j == 0 else None)
             elif isinstance(block, AttnBlock):
-                x = block(x, c_embed, key_weights)
+                x = block(x, c_embed, key_weights, None if cached is None else next(cached))
             elif isinstance(block, TimestepBlock):
                 x = block(x, r_embed)
             else:
                 x = block(x)
         return x
 
-    def forward(self, x, r, byt5, clip=None, clip_image=None, attn_weights=None):
-        """attn_weights (Lc,): factors for the attention probabilities of the last Lc conditioning keys."""
-        self.check_inputs(x, r, byt5, clip, clip_image)
-        r_embed = self.gen_r_embedding(r)                           # (B, c_r)
+    def prepare(self, byt5, clip=None, clip_image=None):
+        """The conditioning's keys and values for every attention block: they do not change over the
+        steps of a sampling run, so `sample(..., cache=True)` computes them once and calls
+        ``model(x, r, cache=...)``. Returns {'cache': [(k, v), ...]} in the blocks' order."""
+        self.check_inputs(None, None, byt5, clip, clip_image)
         c_embed = self.gen_c_embeddings(byt5, clip, clip_image)     # (B, Lc, c_cond)
+        return {'cache': [m.cond_kv(c_embed) for m in self.modules() if isinstance(m, AttnBlock)]}
+
+    def forward(self, x, r, byt5=None, clip=None, clip_image=None, attn_weights=None, cache=None):
+        """attn_weights (Lc,) or (B, Lc): factors for the attention probabilities of the last Lc
+        conditioning keys. cache: from `prepare`, instead of byt5 / clip / clip_image."""
+        if cache is None:
+            self.check_inputs(x, r, byt5, clip, clip_image)
+            c_embed, cached = self.gen_c_embeddings(byt5, clip, clip_image), None     # (B, Lc, c_cond)
+        else:
+            self.check_inputs(x, r, None, batch=cache[0][0].shape[0] if cache else None)
+            c_embed, cached = None, iter(cache)
+        r_embed = self.gen_r_embedding(r).to(self.byt5_mapper.weight.dtype)     # (B, c_r)
         x = self.embedding(self.in_mapper(x.long()).permute(0, 3, 1, 2))   # (B, c_hidden[0], H/p, W/p)
         level_outputs = []
         for level in self.down_blocks:
-            x = self._blocks(level, x, r_embed, c_embed, key_weights=attn_weights)
+            x = self._blocks(level, x, r_embed, c_embed, key_weights=attn_weights, cached=cached)
             level_outputs.insert(0, x)
         x = level_outputs[0]
         for i, level in enumerate(self.up_blocks):
             x = self._blocks(level, x, r_embed, c_embed, skip=level_outputs[i] if i > 0 else None,
-                             key_weights=attn_weights)
-        return self.out_mapper(self.clf(x))                         # (B, num_labels, H, W)
+                             key_weights=attn_weights, cached=cached)
+        return self.logits(self.clf(x))                             # (B, num_labels, H, W)
+
+    def logits(self, x):
+        """out_mapper (LayerNorm2d + 1x1 conv) as published; else as a linear layer on channels-last
+        features, which returns (B, num_labels, H, W) with channels-last memory: the sampler's categorical
+        step reads codes of a position contiguously, with no permuted copy of the largest tensor."""
+        norm, conv = self.out_mapper
+        if self.out_mapper_published:
+            return self.out_mapper(x)
+        x = F.layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, eps=norm.eps)   # (B, H, W, c_out)
+        return F.linear(x, conv.weight.flatten(1)).permute(0, 3, 1, 2)
+
+    def set_published_math(self, published=False):
+        """True: compute attention as nn.MultiheadAttention does (explicit softmax, no fused kernel) and the
+        response norm with torch.norm, as the published code; False (default): the faster equivalents."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.fused = not published
+            elif isinstance(m, GlobalResponseNorm):
+                m.published = published
+        self.out_mapper_published = published
+        return self
 
     def add_noise(self, x, t, mask=None, random_x=None, generator=None):
         return add_noise(x, t, self.num_labels, mask=mask, random_x=random_x, generator=generator)

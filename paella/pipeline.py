@@ -32,7 +32,9 @@ class Settings:
     temperature: tuple = (1.2, 0.2)
     cfg: float | tuple | None = 8.0
     sampling_conditional_steps: int | None = 20     # guidance for the first 20 steps only
-    mode: str = 'multinomial'
+    mode: str = 'cdf'                               # the published step is 'multinomial' (paella.speed)
+    batch_cfg: bool = True                          # one forward for both CFG branches
+    cache: bool = True                              # conditioning keys/values computed once per run
     attn_text_weight: float | None = 1.2            # attention reweighting when an image embedding is used
     attn_image_weight: float | None = 0.4
     prior_steps: int = 60
@@ -109,6 +111,7 @@ class Pipeline(EditingMixin):
 
     def __init__(self, generator, vqgan, text_encoder, clip=None, prior=None, settings=None, specs=None):
         self.generator, self.vqgan, self.text_encoder = generator.eval(), vqgan.eval(), text_encoder
+        self.runner = self.generator                # what the sampler calls: the generator, or compiled
         self.clip, self.prior = clip, prior.eval() if prior is not None else None
         self.settings = settings or Settings()
         self.specs = specs or {}      # how to reload the encoders: {'text_encoder': {...}, 'clip': {...}}
@@ -124,16 +127,26 @@ class Pipeline(EditingMixin):
     def device(self):
         return next(self.generator.parameters()).device
 
+    def compile(self):
+        """Sample through torch.compile (CUDA graphs on GPUs); the first call of each shape compiles."""
+        from .speed import compile_model
+        self.runner = compile_model(self.generator)
+        return self
+
     @classmethod
     def v3(cls, paella, vqgan, prior, byt5='google/byt5-xl', clip='laion/CLIP-ViT-H-14-laion2B-s32B-b79K',
-           device=None, dtype=None, preset=None):
+           device=None, dtype='auto', preset=None):
         """The published Paella v3 from the official files (paella_v3.pt, vqgan_f4.pt, prior_v1.pt) and the
-        ByT5-XL and CLIP-H models (Hugging Face names or local folders)."""
+        ByT5-XL and CLIP-H models (Hugging Face names or local folders). dtype: of the generator and the
+        prior ('auto': bfloat16 where native, see paella.speed); encoders and VQGAN stay float32, as in
+        `from_pretrained`."""
         from .conditioning import byt5_encoder, clip_encoder
+        from .speed import resolve_dtype
+        dtype = resolve_dtype(dtype, device)
         presets = dict(paella=preset or 'v3', vq=preset or 'f4', prior=preset or 'v1')
         return cls(Paella.from_pretrained(paella, preset=presets['paella'], device=device, dtype=dtype),
                    VQModel.from_pretrained(vqgan, preset=presets['vq'], device=device),
-                   byt5_encoder(byt5, device=device, dtype=dtype), clip_encoder(clip, device=device, dtype=dtype),
+                   byt5_encoder(byt5, device=device), clip_encoder(clip, device=device),
                    PriorModel.from_pretrained(prior, preset=presets['prior'], device=device, dtype=dtype),
                    specs={'text_encoder': {'type': 'byt5', 'path': _source(byt5)}, 'clip': {'path': _source(clip)}})
 
@@ -151,9 +164,13 @@ class Pipeline(EditingMixin):
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder=None, device=None, dtype=torch.float32):
-        """A pipeline folder; with no folder, the emoji model shipped inside the package."""
+    def from_pretrained(cls, folder=None, device=None, dtype='auto'):
+        """A pipeline folder; with no folder, the emoji model shipped inside the package. dtype: of the
+        generator and the prior ('auto': bfloat16 where native, float32 elsewhere; see paella.speed); the
+        VQGAN and the text encoder stay float32."""
         from .conditioning import clip_encoder
+        from .speed import resolve_dtype
+        dtype = resolve_dtype(dtype, device)
         folder = Path(folder) if folder is not None else default_model_path()
         if not (folder / PIPELINE_NAME).is_file() and folder == default_model_path():
             raise CheckpointError(f"the default emoji model is not installed (expected in {folder}); "
@@ -163,9 +180,9 @@ class Pipeline(EditingMixin):
         meta = json.loads((folder / PIPELINE_NAME).read_text())
         settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta['settings'].items()})
         # Weights may be stored in half precision to keep the package small; compute in `dtype`.
-        load = lambda cls_, sub: cls_.from_pretrained(folder / sub, device=device, dtype=dtype)
+        load = lambda cls_, sub, dt=dtype: cls_.from_pretrained(folder / sub, device=device, dtype=dt)
         prior = load(PriorModel, 'prior') if (folder / 'prior').is_dir() else None
-        return cls(load(Paella, 'generator'), load(VQModel, 'vqgan'),
+        return cls(load(Paella, 'generator'), load(VQModel, 'vqgan', torch.float32),
                    _load_text_encoder(meta['text_encoder'], device),
                    clip_encoder(meta['clip']['path'], device=device) if meta.get('clip') else None,
                    prior, settings, {k: meta[k] for k in ('text_encoder', 'clip') if k in meta})
@@ -193,7 +210,7 @@ class Pipeline(EditingMixin):
             if image is not None:
                 cond['clip_image'] = image.to(device, dtype)
                 if s.attn_text_weight is not None:
-                    attn = v3_attn_weights(text.shape[1], s.attn_text_weight, s.attn_image_weight).to(device, dtype)
+                    attn = v3_attn_weights(text.shape[1], s.attn_text_weight, s.attn_image_weight).to(device)
         return cond, uncond, attn
 
     def _generator(self, seed=None, generator=None):
@@ -207,11 +224,11 @@ class Pipeline(EditingMixin):
 
     def _sample(self, cond, uncond, attn, batch, s, generator, model=None, callback=None, **kwargs):
         """`sample` with the settings ``s``; kwargs: init_x, mask, t_start."""
-        return sample(model or self.generator, cond, (batch, *s.latent_size), uncond, steps=s.steps,
+        return sample(model or self.runner, cond, (batch, *s.latent_size), uncond, steps=s.steps,
                       renoise_steps=s.renoise_steps, temperature=s.temperature, cfg=s.cfg,
                       sampling_conditional_steps=s.sampling_conditional_steps, mode=s.mode,
                       codebook=self.vqgan.vquantizer.codebook.weight, attn_weights=attn,
-                      generator=generator, callback=callback, **kwargs)
+                      generator=generator, callback=callback, batch_cfg=s.batch_cfg, cache=s.cache, **kwargs)
 
     def _run(self, prompts, negative_prompt, seed, generator, overrides, timings=None, callback=None,
              image_embeddings=None, **kwargs):

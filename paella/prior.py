@@ -56,11 +56,12 @@ class PriorModel(Pretrained, nn.Module):
         for name, v in (('x', x), ('c', c)):
             if v.dim() != 2 or v.shape[1] != cfg.clip_r:
                 raise ValueError(f"prior input {name} must have shape (B, {cfg.clip_r}), got {tuple(v.shape)}")
-        r = r_embedding(r, self.c_r)                                 # (B, c_r)
-        x = self.blocks[0](x)                                        # (B, c_hidden)
+        dtype = self.blocks[0].weight.dtype                          # bf16 weights: float32 in and out
+        r = r_embedding(r, self.c_r).to(dtype)                       # (B, c_r)
+        x, c = self.blocks[0](x.to(dtype)), c.to(dtype)              # (B, c_hidden)
         for block in self.blocks[1:-1]:
             x = block(torch.cat([x, c, r], dim=1)) + x               # residual MLP block
-        return self.blocks[-1](x)
+        return self.blocks[-1](x).float()
 
 
 class CosineSchedule:

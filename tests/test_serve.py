@@ -1,0 +1,210 @@
+"""`paella serve`: the HTTP API (bad requests, limits, load) and the web app in a real browser."""
+import concurrent.futures
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from PIL import Image
+
+from conftest import REPO
+
+CHROMIUM = '/usr/bin/chromium'
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def call(url, body=None, headers=None, timeout=120):
+    """(status, body bytes) of a GET (body None) or POST."""
+    req = urllib.request.Request(url, data=body, headers=headers or {}, method='GET' if body is None else 'POST')
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def post_json(url, obj, **kw):
+    return call(url, obj if isinstance(obj, bytes) else json.dumps(obj).encode(),
+                {'content-type': 'application/json'}, **kw)
+
+
+def announce_body(url, path, length):
+    """(status, body) for a POST that announces ``length`` bytes and waits (Expect: 100-continue, as curl
+    does) before sending them: a server refusing by size answers at once."""
+    host, port = url.split('//')[1].split(':')
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f'POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n'
+                  f'Content-Length: {length}\r\nExpect: 100-continue\r\n\r\n'.encode())
+        data = b''
+        while b'\r\n\r\n' not in data or len(data.split(b'\r\n\r\n', 1)[1]) < 10:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, body = data.split(b'\r\n\r\n', 1)
+    return int(head.split()[1]), body
+
+
+def multipart(fields, files):
+    boundary = 'paella-test-boundary'
+    parts = []
+    for k, v in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
+    for k, (name, data) in files.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{name}"\r\n'
+                     f'Content-Type: application/octet-stream\r\n\r\n'.encode() + data + b'\r\n')
+    return b''.join(parts) + f'--{boundary}--\r\n'.encode(), {'content-type': f'multipart/form-data; boundary={boundary}'}
+
+
+@pytest.fixture(scope='module')
+def server(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp('serve') / 'serve.log'
+    env = {**os.environ, 'PYTHONPATH': str(REPO), 'HF_HUB_OFFLINE': '1'}
+    proc = subprocess.Popen([sys.executable, '-m', 'paella.cli', 'serve', '--port', str(port), '--queue', '8'],
+                            stdout=open(log, 'w'), stderr=subprocess.STDOUT, env=env)
+    url = f'http://127.0.0.1:{port}'
+    for _ in range(240):
+        try:
+            if call(url + '/v1/health', timeout=2)[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+        assert proc.poll() is None, log.read_text()
+    else:
+        pytest.fail('server did not start: ' + log.read_text())
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def alive(url):
+    status, body = call(url + '/v1/health', timeout=10)
+    return status == 200 and json.loads(body)['status'] == 'ok'
+
+
+def test_generate_returns_pngs(server):
+    status, body = post_json(server + '/v1/generate', {'prompt': 'red apple', 'seed': 0})
+    assert status == 200 and Image.open(io.BytesIO(body)).size == (64, 64)
+    again = post_json(server + '/v1/generate', {'prompt': 'red apple', 'seed': 0})[1]
+    assert again == body                                               # seeded
+    status, body = post_json(server + '/v1/generate', {'prompt': 'red apple', 'num_images': 3, 'steps': 4})
+    assert status == 200 and Image.open(io.BytesIO(body)).size == (192, 64)   # a grid
+
+
+def test_edit_takes_an_uploaded_image(server):
+    buf = io.BytesIO()
+    Image.new('RGB', (64, 64), (220, 30, 30)).save(buf, 'PNG')
+    body, headers = multipart({'prompt': 'red apple', 'strength': '0.5', 'seed': '1'}, {'image': ('a.png', buf.getvalue())})
+    status, out = call(server + '/v1/edit', body, headers)
+    assert status == 200 and Image.open(io.BytesIO(out)).size == (64, 64)
+
+
+def test_bad_requests_get_a_4xx_with_a_message(server):
+    gen = server + '/v1/generate'
+    cases = [
+        (post_json(gen, {'negative_prompt': 'x'}), 400, 'prompt must be'),
+        (post_json(gen, {'prompt': 'x', 'steps': -3}), 400, 'steps must be between 1 and 50'),
+        (post_json(gen, {'prompt': 'x', 'steps': 10 ** 6}), 400, 'steps must be between'),
+        (post_json(gen, {'prompt': 'x', 'num_images': 500}), 400, 'num_images must be between 1 and 8'),
+        (post_json(gen, {'prompt': 'x' * 5000}), 400, 'the limit is 300'),
+        (post_json(gen, b'{"prompt": "red'), 400, 'malformed JSON'),
+        (post_json(gen, ['red apple']), 400, 'JSON object'),
+        (post_json(gen, {'prompt': 'x', 'size': 4096}), 400, 'unknown field'),
+        (post_json(gen, {'prompt': 'x', 'cfg': 'high'}), 400, 'cfg must be a number'),
+    ]
+    huge = io.BytesIO()
+    Image.new('RGB', (2000, 2000)).save(huge, 'PNG')
+    for files, fields, expect, message in [
+            ({'image': ('notes.txt', b'not an image at all')}, {'prompt': 'x'}, 400, 'not a readable image'),
+            ({'image': ('huge.png', huge.getvalue())}, {'prompt': 'x'}, 400, 'limit is 512 pixels'),
+            ({}, {'prompt': 'x'}, 400, "missing the 'image'")]:
+        body, headers = multipart(fields, files)
+        cases.append((call(server + '/v1/edit', body, headers), expect, message))
+    cases.append((announce_body(server, '/v1/edit', 5 * 2 ** 20), 413, 'over the limit'))
+    for (status, body), expect, message in cases:
+        assert status == expect and message in json.loads(body)['error'], (status, body)
+        assert alive(server)
+
+
+def test_forty_concurrent_requests(server):
+    """Each request succeeds or is refused with 503 within the timeout; the server stays up and its memory
+    stays within 300 MiB of where it was."""
+    before = json.loads(call(server + '/v1/health')[1])['rss_mb']
+    timeout = 120
+
+    def one(i):
+        t0 = time.perf_counter()
+        status, body = post_json(server + '/v1/generate', {'prompt': 'red apple', 'seed': i}, timeout=timeout)
+        return status, time.perf_counter() - t0
+
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        results = list(pool.map(one, range(40)))
+    statuses = [s for s, _ in results]
+    print(f"40 concurrent: {statuses.count(200)} served, {statuses.count(503)} refused (503), "
+          f"slowest {max(t for _, t in results):.1f} s")
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 9        # 1 running + 8 queued at least
+    assert max(t for _, t in results) < timeout
+    assert alive(server)
+    after = json.loads(call(server + '/v1/health')[1])['rss_mb']
+    print(f"server memory: {before:.0f} MiB before, {after:.0f} MiB after")
+    assert after - before < 300
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason='needs Debian chromium (.ci/run installs it)')
+def test_web_app_in_chromium(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+    shot = os.environ.get('PAELLA_SCREENSHOT') or str(tmp_path / 'serve.png')
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox'])
+        page = browser.new_page(viewport={'width': 1000, 'height': 900})
+        page.goto(server + '/')
+        page.locator('#prompt textarea').fill('fire engine')
+        page.locator('#generate').click()
+        image = page.locator('#gallery img').first
+        image.wait_for(state='visible', timeout=120_000)
+        assert image.evaluate('img => img.naturalWidth') == 64
+        page.screenshot(path=shot)
+        browser.close()
+    assert os.path.getsize(shot) > 10_000
+
+
+def test_every_web_mode_through_gradio_api(server, tmp_path):
+    from gradio_client import Client, handle_file
+    apple = tmp_path / 'apple.png'
+    status, body = post_json(server + '/v1/generate', {'prompt': 'red apple', 'seed': 0})
+    apple.write_bytes(body)
+    paint = Image.new('RGBA', (64, 64), (0, 0, 0, 0))
+    paint.paste((255, 255, 255, 255), (32, 0, 64, 64))
+    paint.save(tmp_path / 'paint.png')
+    client = Client(server + '/', verbose=False)
+    settings = ['', 0, 4, 1.5]                                   # negative prompt, seed, steps, cfg
+    calls = {
+        '/generate': ['red apple', *settings, 2],
+        '/inpaint': [{'background': handle_file(str(apple)), 'layers': [handle_file(str(tmp_path / 'paint.png'))],
+                      'composite': None}, 'banana', *settings],
+        '/outpaint': [handle_file(str(apple)), 'green apple', 128, 64, 'left', *settings],
+        '/variations': [handle_file(str(apple)), 2, 0.6, *settings],
+        '/interpolate': ['red apple', 'green apple', 3, 'slerp', *settings],
+        '/edit': [handle_file(str(apple)), 'tomato', 0.5, *settings],
+    }
+    expected = {'/generate': 2, '/inpaint': 1, '/outpaint': 1, '/variations': 2, '/interpolate': 3, '/edit': 1}
+    for api_name, args in calls.items():
+        gallery = client.predict(*args, api_name=api_name)
+        assert len(gallery) == expected[api_name], api_name
+        assert Image.open(gallery[0]['image']).size[1] == 64, api_name
+    with pytest.raises(Exception, match='greater than maximum value 50'):   # the slider's own limit
+        client.predict('red apple', '', 0, 500, 1.5, 1, api_name='/generate')
+    assert alive(server)
