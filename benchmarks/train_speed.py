@@ -23,6 +23,7 @@ def main():
     p.add_argument('--steps', type=int, default=20)
     p.add_argument('--warmup', type=int, default=4)   # 4 x 32 = every caption cached once
     p.add_argument('--batch', type=int, default=32)
+    p.add_argument('--compile', action='store_true', help='also pre-encoded bf16 under torch.compile (slow start)')
     args = p.parse_args()
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     import synth
@@ -44,21 +45,27 @@ def main():
     VQModel(VQModel.make_config('small')).save_pretrained(tmp / 'vq')
     preencode(folder, tmp / 'pre.safetensors', VQModel.from_pretrained(tmp / 'vq'), minilm_encoder(), image_size=64)
 
-    cases = [('pre-encoded', 'bf16'), ('pre-encoded', 'fp32'), ('raw images', 'bf16'), ('raw images', 'fp32')]
-    for data, precision in cases:
-        out = tmp / f'run-{data[:3]}-{precision}'
+    cases = [('pre-encoded', 'bf16', False), ('pre-encoded', 'fp32', False), ('raw images', 'bf16', False),
+             ('raw images', 'fp32', False)] + ([('pre-encoded', 'bf16', True)] if args.compile else [])
+    for data, precision, compiled in cases:
+        out = tmp / f'run-{data[:3]}-{precision}-{compiled}'
         cfg = TrainConfig(**{**PRESETS['generator'], 'data': str(tmp / 'pre.safetensors') if data == 'pre-encoded'
                              else str(folder), 'vqgan': str(tmp / 'vq'), 'out': str(out), 'precision': precision,
                              'batch_size': args.batch, 'steps': args.warmup, 'save_every': 10 ** 9,
-                             'log_every': 10 ** 9, 'tensorboard': False, 'image_size': 64})
+                             'log_every': 10 ** 9, 'tensorboard': False, 'image_size': 64, 'compile': compiled})
         train(cfg)                                            # warm-up (and text-cache fill), then resume
         cfg.steps, cfg.save_every = args.warmup + args.steps, 10 ** 9
         train(cfg)
         rows = [json.loads(line) for line in open(out / 'metrics.jsonl')]
         print(json.dumps({'case': 'train', 'preset': 'small', 'data': data, 'precision': precision,
+                          'compile': compiled, 'fused_adamw': torch.device(cfg_device()).type == 'cuda',
                           'batch': args.batch, 'steps': args.steps,
                           'samples_per_s': round(rows[-1]['samples_per_s'], 1),
                           'threads': torch.get_num_threads()}), flush=True)
+
+
+def cfg_device():
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
 if __name__ == '__main__':
