@@ -76,12 +76,16 @@ def _guide(cond, uncond, cfg, exact=True):
 
 
 def _device(*groups):
+    """The device of the first tensor found in the (nested dicts, lists and tuples of) inputs."""
     for g in groups:
-        values = g.values() if isinstance(g, dict) else [g]
+        if isinstance(g, torch.Tensor):
+            return g.device
+        values = g.values() if isinstance(g, dict) else g if isinstance(g, (list, tuple)) else []
         for v in values:
-            if isinstance(v, torch.Tensor):
-                return v.device
-    return torch.device('cpu')
+            found = _device(v)
+            if found is not None:
+                return found
+    return None
 
 
 class _Unjoinable(Exception):
@@ -183,6 +187,7 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
         unconditional_inputs = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
                                 for k, v in model_inputs.items()}
     extra = {} if attn_weights is None else {'attn_weights': attn_weights}
+    device = _device(model_inputs, init_x) or torch.device('cpu')
     if cache and hasattr(model, 'prepare'):
         model_inputs = model.prepare(**model_inputs)
         if guided:
@@ -194,7 +199,6 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
     else:
         joint_extra = {}
 
-    device = _device(model_inputs, init_x)
     b = latent_shape[0]
     init_noise = torch.randint(0, model.num_labels, latent_shape, device=device, generator=generator)
     keep = lambda x: x if mask is None else torch.where(mask, x, init_x)

@@ -137,3 +137,11 @@ def test_benchmark_prints_json_lines(tmp_path):
     assert variants['exact']['token_agreement'] == 1.0
     for r in rows[1:]:
         assert r['ms_per_image'] > 0 and r['gflop_per_image'] > 0 and 0 < r['peak_fraction'] < 1.5
+
+
+def test_the_device_is_found_inside_a_cache():
+    """On a GPU the sampler must place its noise where the cached conditioning lives."""
+    from paella.sampler import _device
+    meta = torch.zeros(1, device='meta')
+    assert _device({'cache': [(meta, meta)]}, None) == torch.device('meta')
+    assert _device({'byt5': None, 'clip': meta}) == torch.device('meta') and _device({}, None) is None
