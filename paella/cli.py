@@ -71,7 +71,7 @@ def cmd_generate(args):
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     if args.compile:
         pipe.compile()
-    overrides = {k: v for k, v in (('steps', args.steps), ('cfg', args.cfg)) if v is not None}
+    overrides = _overrides(args)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     t2 = time.perf_counter()
     timings = {}
@@ -83,6 +83,11 @@ def cmd_generate(args):
     if args.timings:
         parts = {'imports': t1 - t0, 'loading': t2 - t1, **timings, 'saving': time.perf_counter() - t3}
         print(' '.join(f'{k} {v:.2f} s' for k, v in parts.items()), file=sys.stderr)
+
+
+def _overrides(args):
+    """--steps / --cfg as Settings overrides, where given."""
+    return {k: v for k, v in (('steps', args.steps), ('cfg', args.cfg)) if v is not None}
 
 
 def _size(text):
@@ -110,8 +115,7 @@ def cmd_edit_mode(args):
     from .pipeline import Pipeline, save_images
     _quiet_transformers()
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
-    common = dict(negative_prompt=args.negative_prompt, seed=args.seed,
-                  **{k: v for k, v in (('steps', args.steps), ('cfg', args.cfg)) if v is not None})
+    common = dict(negative_prompt=args.negative_prompt, seed=args.seed, **_overrides(args))
     mode = args.command
     import warnings
     warnings.showwarning = lambda message, *_, **__: print(f"paella {mode}: note: {message}", file=sys.stderr)
@@ -222,7 +226,7 @@ def cmd_eval(args):
     folder = Path(args.data) if args.data else Path(tempfile.mkdtemp()) / 'openmoji'
     if not args.data:
         build(folder, pipe.settings.latent_size[0] * pipe.vqgan.downsampling)
-    overrides = {k: v for k, v in (('steps', args.steps), ('cfg', args.cfg)) if v is not None}
+    overrides = _overrides(args)
     if args.regional:
         from .evaluate import load_real, regional_trials
         rate, wins = regional_trials(pipe, load_real(folder), args.regional, args.seed, **overrides)
@@ -247,9 +251,25 @@ def main(argv=None):
         except (ValueError, FileNotFoundError) as e:
             print(f"paella {argv[0]}: error: {e}", file=sys.stderr)
             return 2
-    from .serve import Limits
+    from .serve import HOST, Limits
     parser = argparse.ArgumentParser(prog='paella', description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest='command', required=True)
+
+    def sampling_parser(name, help, inputs, output):
+        """A subcommand with its positional ``inputs`` ((name, help[, add_argument options])) and the flags
+        every sampling command takes."""
+        p = sub.add_parser(name, help=help)
+        for arg, arg_help, *options in inputs:
+            p.add_argument(arg, help=arg_help, **(options[0] if options else {}))
+        p.add_argument('--model', help='pipeline folder (default: the emoji model shipped in the package)')
+        p.add_argument('-o', '--output', default=output, help='output image (default: %(default)s)')
+        p.add_argument('--seed', type=int, help='random seed (default: random)')
+        p.add_argument('--steps', type=int, help="sampling steps (default: the model's)")
+        p.add_argument('--cfg', type=float, help="classifier-free guidance scale (default: the model's)")
+        p.add_argument('--negative-prompt', default='', help='what the image should not be')
+        p.add_argument('--grid', action='store_true', help='save all images as one grid')
+        p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
+        return p
 
     def add_checkpoint_args(p):
         p.add_argument('checkpoint', help='model folder, .safetensors file or official .pt file')
@@ -275,35 +295,17 @@ def main(argv=None):
     p.add_argument('--preset', help=argparse.SUPPRESS)      # tests: tiny models of the same architecture
     p.set_defaults(func=cmd_convert_v3)
 
-    p = sub.add_parser('generate', help='generate images from text prompts')
-    p.add_argument('prompt', nargs='+', help='one or more prompts')
-    p.add_argument('--model', help='pipeline folder (default: the emoji model shipped in the package)')
-    p.add_argument('-o', '--output', default='paella.png', help='output image (default: %(default)s)')
-    p.add_argument('--seed', type=int, help='random seed (default: random)')
-    p.add_argument('--steps', type=int, help="sampling steps (default: the model's)")
-    p.add_argument('--cfg', type=float, help="classifier-free guidance scale (default: the model's)")
-    p.add_argument('--negative-prompt', default='', help='what the image should not be')
+    p = sampling_parser('generate', 'generate images from text prompts',
+                        [('prompt', 'one or more prompts', {'nargs': '+'})], 'paella.png')
     p.add_argument('--num-images', type=int, default=1, help='images per prompt')
-    p.add_argument('--grid', action='store_true', help='save all images as one grid')
     p.add_argument('--labels', action='store_true', help='with --grid: write each prompt under its image')
-    p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
     p.add_argument('--dtype', default='auto', help="generator weights: auto (bf16 where native), fp32 or bf16")
     p.add_argument('--compile', action='store_true', help='torch.compile the generator (slow first call)')
     p.add_argument('--timings', action='store_true', help='print where the time went')
     p.set_defaults(func=cmd_generate)
 
     def edit_parser(name, help, inputs):
-        p = sub.add_parser(name, help=help)
-        for arg, arg_help in inputs:
-            p.add_argument(arg, help=arg_help)
-        p.add_argument('--model', help='pipeline folder (default: the emoji model shipped in the package)')
-        p.add_argument('-o', '--output', default=f'{name}.png', help='output image (default: %(default)s)')
-        p.add_argument('--seed', type=int, help='random seed (default: random)')
-        p.add_argument('--steps', type=int, help="sampling steps (default: the model's)")
-        p.add_argument('--cfg', type=float, help="classifier-free guidance scale (default: the model's)")
-        p.add_argument('--negative-prompt', default='', help='what the image should not be')
-        p.add_argument('--grid', action='store_true', help='save all images as one grid')
-        p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
+        p = sampling_parser(name, help, inputs, f'{name}.png')
         p.set_defaults(func=cmd_edit_mode)
         return p
 
@@ -335,7 +337,7 @@ def main(argv=None):
 
     p = sub.add_parser('serve', help='web app and HTTP API for a model')
     p.add_argument('--model', help='pipeline folder (default: the emoji model shipped in the package)')
-    p.add_argument('--host', default='127.0.0.1',
+    p.add_argument('--host', default=HOST,
                    help='address to listen on (default: %(default)s, this machine only; 0.0.0.0: every interface)')
     p.add_argument('--port', type=int, default=7860)
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')

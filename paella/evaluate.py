@@ -122,20 +122,17 @@ def evaluate(pipe, folder, n=200, seed=0, batch=16, **overrides):
         return images
     gen = generate(names)
     para = generate([p for p, _ in paraphrases])
-    top1, top5 = retrieval(features(gen), real_feats, list(range(len(names))))
+    gen_feats = features(gen)
+    top1, top5 = retrieval(gen_feats, real_feats, list(range(len(names))))
     p1, p5 = retrieval(features(para), real_feats, [index[t] for _, t in paraphrases])
-    vq_psnr = []
-    for name in names:
-        x = torch.from_numpy(np.asarray(real[name], dtype=np.float32) / 255).permute(2, 0, 1)[None]
-        with torch.no_grad():
-            tokens = pipe.vqgan.encode_indices(x.to(pipe.device))
-        from .pipeline import tokens_to_images
-        vq_psnr.append(psnr(tokens_to_images(pipe.vqgan, tokens)[0], real[name]))
+    from .pipeline import tokens_to_images
+    recon = tokens_to_images(pipe.vqgan, pipe.encode_images([real[name] for name in names]))
+    vq_psnr = [psnr(r, real[name]) for r, name in zip(recon, names)]
     return {
         'emoji': len(names), 'paraphrases': len(paraphrases),
         'top1': round(top1, 4), 'top5': round(top5, 4),
         'paraphrase_top1': round(p1, 4), 'paraphrase_top5': round(p5, 4),
-        'fid16': round(frechet(features(gen), real_feats), 3),
+        'fid16': round(frechet(gen_feats, real_feats), 3),
         'median_psnr_to_target': round(float(np.median([psnr(g, real[nm]) for g, nm in zip(gen, names)])), 2),
         'vqgan_psnr': round(float(np.mean(vq_psnr)), 2),
         'chance_top1': round(1 / len(names), 4), 'chance_top5': round(5 / len(names), 4),

@@ -286,20 +286,23 @@ def web(service):
         def run(*args, progress=gr.Progress()):
             try:
                 return fn(progress, *args)
-            except BadRequest as e:
-                raise gr.Error(str(e))
-            except Busy as e:
+            except (BadRequest, Busy) as e:
                 raise gr.Error(str(e))
         return run
 
-    def common(seed, steps, cfg, negative):
-        return service.sampling({'seed': None if seed is None or seed < 0 else int(seed), 'steps': int(steps),
-                                 'cfg': float(cfg), 'negative_prompt': negative})
+    def fields(seed, steps, cfg, negative):
+        """The settings controls as request fields (a negative seed: random)."""
+        return {'seed': None if seed is None or seed < 0 else int(seed), 'steps': int(steps), 'cfg': float(cfg),
+                'negative_prompt': negative}
+
+    def common(progress, seed, steps, cfg, negative):
+        """Validated sampling keyword arguments, with the progress bar as the sampler's callback."""
+        return dict(service.sampling(fields(seed, steps, cfg, negative)),
+                    callback=progress_callback(progress, int(steps)))
 
     def text_to_image(progress, prompt, negative, seed, steps, cfg, n):
-        return service.generate({'prompt': prompt, 'negative_prompt': negative, 'num_images': int(n),
-                                 'seed': None if seed is None or seed < 0 else int(seed), 'steps': int(steps),
-                                 'cfg': float(cfg)}, callback=progress_callback(progress, int(steps)))
+        return service.generate({'prompt': prompt, 'num_images': int(n), **fields(seed, steps, cfg, negative)},
+                                callback=progress_callback(progress, int(steps)))
 
     def inpaint(progress, editor, prompt, negative, seed, steps, cfg):
         if not editor or editor.get('background') is None:
@@ -310,30 +313,30 @@ def web(service):
             raise BadRequest("paint over the part of the image to regenerate")
         mask = np.any(alpha, axis=0)
         return service.run(pipe.inpaint, image, mask, service.prompt(prompt),
-                           callback=progress_callback(progress, int(steps)), **common(seed, steps, cfg, negative))
+                           **common(progress, seed, steps, cfg, negative))
 
     def outpaint(progress, image, prompt, width, height, position, negative, seed, steps, cfg):
         image = service.image(image)
         size = service.size(int(width), int(height))
         return service.run(pipe.outpaint, image, service.prompt(prompt), size, position,
-                           callback=progress_callback(progress, int(steps)), **common(seed, steps, cfg, negative))
+                           **common(progress, seed, steps, cfg, negative))
 
     def variations(progress, image, n, strength, negative, seed, steps, cfg):
         image = service.image(image)
         n = service.integer(int(n), 'images', 1, lim.max_images)
         return service.run(pipe.variations, image, n, '', float(strength),
-                           callback=progress_callback(progress, int(steps)), **common(seed, steps, cfg, negative))
+                           **common(progress, seed, steps, cfg, negative))
 
     def interpolate(progress, a, b, n, method, negative, seed, steps, cfg):
         n = service.integer(int(n), 'images', 2, lim.max_images)
-        kw = common(seed, steps, cfg, negative)
+        kw = service.sampling(fields(seed, steps, cfg, negative))
         kw['seed'] = kw['seed'] or 0
         return service.run(pipe.interpolate, service.prompt(a, 'first prompt'), service.prompt(b, 'last prompt'),
                            n, method, **kw)
 
     def edit(progress, image, prompt, strength, negative, seed, steps, cfg):
         return service.run(pipe.edit, service.image(image), service.prompt(prompt), float(strength),
-                           callback=progress_callback(progress, int(steps)), **common(seed, steps, cfg, negative))
+                           **common(progress, seed, steps, cfg, negative))
 
     def controls():
         with gr.Accordion('settings', open=False):
