@@ -176,7 +176,7 @@ def cmd_preencode(args):
     from .data import preencode
     from .vq import VQModel
     _quiet_transformers()
-    vq = VQModel.from_pretrained(args.vqgan, device=args.device)
+    vq = VQModel.from_pretrained(args.vqgan, device=args.device, dtype=torch.float32)   # also half-saved ones
     kind, _, path = args.text_encoder.partition(':')
     text = None if kind == 'none' else minilm_encoder(device=args.device) if kind == 'minilm' \
         else byt5_encoder(path, device=args.device)
@@ -239,7 +239,7 @@ def cmd_data(args):
     from .evaluate import PARAPHRASES
     from .openmoji import ATTRIBUTION, build
     n = build(args.out, args.size, skin_tones=args.skin_tones, limit=args.limit, aliases=args.aliases,
-              exclude=[p for p, _ in PARAPHRASES])
+              exclude=[p for p, _ in PARAPHRASES], keywords=args.keywords or (), name_rows=args.name_rows)
     print(f"wrote {n} emoji at {args.size}x{args.size} to {args.out}/ (metadata.jsonl)\n{ATTRIBUTION}")
 
 
@@ -390,6 +390,11 @@ def main(argv=None):
     p.add_argument('--skin-tones', action='store_true', help='keep the skin-tone variants too')
     p.add_argument('--aliases', action='store_true',
                    help='extra caption rows from the emoji package\'s short names (eval paraphrases excluded)')
+    p.add_argument('--keywords', nargs='+', metavar='JSON',
+                   help='extra caption rows from CLDR annotation files (npm cldr-annotations-full: '
+                        'annotations/en/annotations.json; eval paraphrases excluded)')
+    p.add_argument('--name-rows', type=int, default=1, metavar='N',
+                   help='write each name row N times (the names\' share beside many extra captions)')
     p.add_argument('--limit', type=int, help='only the first N emoji')
     p.set_defaults(func=cmd_data)
     for name, model in TRAIN_COMMANDS.items():

@@ -10,12 +10,20 @@ Choices (see `build`):
 - File names drop U+FE0F (the emoji presentation selector), so it is dropped from both sides of the lookup.
 - ``aliases=True`` adds, for about 1100 emoji, one extra row per short name from the `emoji` package
   (GitHub-style shortcodes such as ':coffee:' for 'hot beverage', written 'coffee'), marked
-  ``"alias": true``: more ways to ask for the same picture. Prompts in ``exclude`` (the held-out
-  paraphrases of `paella eval`) are never used as captions.
+  ``"alias": true``: more ways to ask for the same picture.
+- ``keywords=[files]`` adds rows from the Unicode CLDR annotations (the JSON of the npm packages
+  `cldr-annotations-full` / `cldr-annotations-derived-full`, `annotations*/en/annotations.json`; no PyPI
+  package ships them): one row per keyword that names at most 3 of the kept emoji ('kitten' -> cat face,
+  but not 'face'), and two rows of two of the emoji's keywords in a seeded random order ('cat grinning').
+  They too carry ``"alias": true`` (and ``"source": "cldr"``).
+- Extra captions never repeat an emoji's name, and no extra caption has the same words as a prompt in
+  ``exclude`` (the held-out paraphrases of `paella eval`, so 'truck fire' is dropped with 'fire truck').
 """
 import json
+import random
 import re
 import unicodedata
+from collections import Counter
 from pathlib import Path
 
 ATTRIBUTION = ("All emojis designed by OpenMoji - the open-source emoji and icon project "
@@ -83,6 +91,31 @@ def short_names():
     return out
 
 
+def cldr_keywords(paths):
+    """{emoji without FE0F: [keywords]} from CLDR annotation JSON files (keywords and the spoken name)."""
+    out = {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text(encoding='utf-8'))
+            table = (data.get('annotations') or data['annotationsDerived'])['annotations']
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path} is not a CLDR annotations JSON file "
+                             f"(annotations/en/annotations.json of cldr-annotations-full): {e}") from None
+        for char, entry in table.items():
+            known = out.setdefault(char.replace('\ufe0f', ''), [])
+            known += [w for w in dict.fromkeys(entry.get('default', []) + entry.get('tts', [])) if w not in known]
+    return out
+
+
+def keyword_captions(emoji, keywords, counts, seed=0):
+    """Extra captions of one emoji: its rare keywords (naming <= 3 emoji), then two seeded keyword pairs."""
+    words = sorted(set(keywords))
+    rare = [w for w in words if counts[w] <= 3]
+    rng = random.Random(f'{seed}:{emoji}')
+    pairs = [' '.join(rng.sample(words, 2)) for _ in range(2)] if len(words) >= 2 else []
+    return rare + pairs
+
+
 def render(svg, size):
     """PNG bytes of an SVG rendered at size x size on white."""
     import resvg_py
@@ -90,23 +123,33 @@ def render(svg, size):
                                        skip_system_fonts=True))
 
 
-def build(out, size=64, skin_tones=False, limit=None, aliases=False, exclude=()):
+def build(out, size=64, skin_tones=False, limit=None, aliases=False, exclude=(), keywords=(), name_rows=1):
     """Write ``out/<codepoints>.png`` and ``out/metadata.jsonl`` (file_name, text, emoji, group, subgroup;
-    alias rows also carry ``"alias": true``). Returns the number of images."""
+    extra caption rows also carry ``"alias": true`` and their ``source``); each name row is written
+    ``name_rows`` times, which keeps the names a fair share of the samples beside many extra captions.
+    Returns the number of images."""
+    if not isinstance(name_rows, int) or name_rows < 1:
+        raise ValueError(f"name_rows must be a whole number >= 1, got {name_rows!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = catalogue(skin_tones)[:limit]
-    extra = short_names() if aliases else {}
-    banned = {e.lower() for e in exclude}
+    short = short_names() if aliases else {}
+    cldr = cldr_keywords(keywords) if keywords else {}
+    counts = Counter(w for *_, emoji, _, _ in rows for w in set(cldr.get(emoji.replace('\ufe0f', ''), [])))
+    banned = {frozenset(e.lower().split()) for e in exclude}
     with open(out / 'metadata.jsonl', 'w', encoding='utf-8') as meta:
         for svg, name, emoji, group, subgroup in rows:
             (out / f'{svg.stem}.png').write_bytes(render(svg, size))
             row = {'file_name': f'{svg.stem}.png', 'text': name, 'emoji': emoji, 'group': group, 'subgroup': subgroup}
-            meta.write(json.dumps(row, ensure_ascii=False) + '\n')
-            taken = {name.lower()} | banned
-            for alias in extra.get(emoji.replace('\ufe0f', ''), []):
-                if alias.lower() not in taken:
-                    taken.add(alias.lower())
-                    meta.write(json.dumps({**row, 'text': alias, 'alias': True}, ensure_ascii=False) + '\n')
+            meta.write((json.dumps(row, ensure_ascii=False) + '\n') * name_rows)
+            key = emoji.replace('\ufe0f', '')
+            extra = [(a, 'emoji') for a in short.get(key, [])]
+            extra += [(k, 'cldr') for k in keyword_captions(key, cldr.get(key, []), counts)]
+            taken = {name.lower()}
+            for text, source in extra:
+                if text.lower() not in taken and frozenset(text.lower().split()) not in banned:
+                    taken.add(text.lower())
+                    meta.write(json.dumps({**row, 'text': text, 'alias': True, 'source': source},
+                                          ensure_ascii=False) + '\n')
     (out / 'ATTRIBUTION.txt').write_text(ATTRIBUTION + '\n')
     return len(rows)

@@ -72,6 +72,7 @@ class TrainConfig:
     p_drop_clip_image: float = 0.9  # no CLIP image embedding
     # vqgan
     commit_weight: float = 0.25
+    l1_weight: float = 1.0          # reconstruction loss = l1_weight * L1 + MSE (0: MSE alone, what PSNR measures)
     dead_code_every: int = 20       # restart codes unused for this many steps (0: never)
     # prior
     p_uncond_prior: float = 0.1
@@ -180,8 +181,8 @@ class GeneratorTask(Task):
             self.uncond = self.encoder.encode(['']).states.cpu()
             width = self.encoder.width
             self.vqgan_path = cfg.vqgan
-        self.vqgan = VQModel.from_pretrained(self.vqgan_path, device=device).requires_grad_(False) \
-            if self.vqgan_path else None
+        self.vqgan = None if not self.vqgan_path else \
+            VQModel.from_pretrained(self.vqgan_path, device=device, dtype=torch.float32).requires_grad_(False)
         overrides = json.loads(cfg.model_config or '{}')
         if self.vqgan is not None:
             overrides.setdefault('num_labels', self.vqgan.codebook_size)
@@ -236,7 +237,7 @@ class GeneratorTask(Task):
 
 
 class VQTask(Task):
-    """Reconstruction (L1 + MSE) + codebook and commitment losses, with dead-code restarts."""
+    """Reconstruction (l1_weight * L1 + MSE) + codebook and commitment losses, with dead-code restarts."""
 
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, device
@@ -254,7 +255,7 @@ class VQTask(Task):
     def loss(self, model, batch, s):
         x = batch['image'].to(self.device)
         recon, vq_loss, idx, latent = model(x, details=True)     # through the DDP wrapper, if any
-        loss = F.l1_loss(recon.float(), x) + F.mse_loss(recon.float(), x)
+        loss = self.cfg.l1_weight * F.l1_loss(recon.float(), x) + F.mse_loss(recon.float(), x)
         # vq_loss = codebook loss + 0.25 * commitment; commit_weight rescales the commitment part.
         loss = loss + vq_loss * (1 + self.cfg.commit_weight) / 1.25
         counts = torch.bincount(idx.flatten().cpu(), minlength=self.usage.numel())
@@ -325,6 +326,25 @@ def setup_distributed():
     return rank, world, device
 
 
+def init_from(model, folder, log=True):
+    """Load a model folder's weights into ``model``, which may have more modules than the folder: those
+    start as built (a grown VQGAN decoder's new blocks have zero gammas, so it first computes the old
+    function). A tensor of another shape, or one the model lacks, is an error."""
+    state = type(model).from_pretrained(folder).state_dict()
+    mine = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(mine[k].shape)}" for k, v in state.items()
+             if k in mine and v.shape != mine[k].shape]
+    unknown = sorted(set(state) - set(mine))
+    if wrong or unknown:
+        raise ValueError(f"--init={folder} does not fit this model: " +
+                         '; '.join(wrong + [f"{k} not in the model" for k in unknown][:10]))
+    new = sorted(set(mine) - set(state))
+    model.load_state_dict(state, strict=False)
+    if new and log:
+        print(f"init: {len(state)} tensors from {folder}; {len(new)} new ones start as built "
+              f"({', '.join(new[:4])}{', ...' if len(new) > 4 else ''})")
+
+
 def checkpoints(out):
     return sorted((Path(out) / 'checkpoints').glob('step_*.pt'))
 
@@ -378,7 +398,7 @@ def train(cfg: TrainConfig):
     task = TASKS[cfg.model](cfg, device)
     model = task.model
     if cfg.init:
-        model.load_state_dict(type(model).from_pretrained(cfg.init).state_dict())
+        init_from(model, cfg.init, log=rank == 0)
     ck = torch.load(checkpoints(out)[-1], map_location='cpu', weights_only=True) if checkpoints(out) else None
     if ck is not None:
         model.load_state_dict(ck['model'])

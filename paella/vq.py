@@ -16,6 +16,7 @@ class VQConfig:
     """Constructor arguments of `VQModel`; the defaults are the published f4 VQGAN (8192 codes of 4 dims)."""
     levels: int = 2                 # each level halves the resolution; with the pixel unshuffle, f = 2^levels
     bottleneck_blocks: int = 12     # decoder blocks at the lowest resolution
+    decoder_blocks: int = 1         # decoder blocks at each higher resolution (after its upsampling)
     c_hidden: int = 384             # channels at the lowest resolution
     c_latent: int = 4               # dimension of a code
     codebook_size: int = 8192
@@ -117,7 +118,7 @@ class VQModel(Pretrained, nn.Module):
         up = [nn.Sequential(nn.Conv2d(cfg.c_latent, c_levels[-1], kernel_size=1))]
         for i in range(cfg.levels):
             c = c_levels[cfg.levels - 1 - i]
-            up += [ResBlock(c, c * 4) for _ in range(cfg.bottleneck_blocks if i == 0 else 1)]
+            up += [ResBlock(c, c * 4) for _ in range(cfg.bottleneck_blocks if i == 0 else cfg.decoder_blocks)]
             if i < cfg.levels - 1:
                 up.append(nn.ConvTranspose2d(c, c_levels[cfg.levels - 2 - i], kernel_size=4, stride=2, padding=1))
         self.up_blocks = nn.Sequential(*up)

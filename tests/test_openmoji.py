@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -60,3 +61,48 @@ def test_alias_captions_are_extra_rows_and_never_eval_paraphrases(tmp_path):
     assert main(['data', 'openmoji', '--out', str(tmp_path / 'f'), '--size', '16', '--limit', '900', '--aliases']) == 0
     texts = {json.loads(line)['text'] for line in (tmp_path / 'f' / 'metadata.jsonl').read_text().splitlines()}
     assert not texts & {p for p, _ in PARAPHRASES}
+
+
+def test_cldr_keyword_captions(tmp_path, capsys):
+    from paella.openmoji import build
+    cldr = {'annotations': {'identity': {}, 'annotations': {
+        '#️⃣': {'default': ['hash', 'keycap', 'pound', 'number sign'], 'tts': ['keycap: #']},
+        '*️⃣': {'default': ['asterisk', 'keycap', 'star'], 'tts': ['keycap: *']},
+        '0️⃣': {'default': ['keycap', 'zero', 'nought'], 'tts': ['keycap: 0']},
+        '1️⃣': {'default': ['keycap', 'one'], 'tts': ['keycap: 1']}}}}
+    (tmp_path / 'a.json').write_text(json.dumps(cldr, ensure_ascii=False))
+    # 'pound hash' has the words of an eval paraphrase: no caption may have them, in any order.
+    build(tmp_path / 'e', size=16, limit=5, keywords=[tmp_path / 'a.json'], exclude=['pound hash'])
+    meta = [json.loads(line) for line in (tmp_path / 'e' / 'metadata.jsonl').read_text().splitlines()]
+    extra = [r for r in meta if r.get('alias')]
+    assert {r['source'] for r in extra} == {'cldr'} and len(meta) - len(extra) == 5
+    by_emoji = {}
+    for r in extra:
+        by_emoji.setdefault(r['emoji'], []).append(r['text'])
+    assert {'pound', 'number sign', 'hash'} <= set(by_emoji['#️⃣'])      # rare keywords: one emoji each
+    assert 'keycap' not in {r['text'] for r in extra}                       # names four emoji: too common
+    assert not any(set(t.split()) == {'pound', 'hash'} for t in by_emoji['#️⃣'])
+    assert not {r['text'] for r in extra} & {r['text'] for r in meta if not r.get('alias')}
+    assert any(len(t.split()) >= 2 and t != 'number sign' for t in by_emoji['*️⃣'])  # a keyword pair
+    again = (tmp_path / 'e' / 'metadata.jsonl').read_text()
+    build(tmp_path / 'e', size=16, limit=5, keywords=[tmp_path / 'a.json'], exclude=['pound hash'])
+    assert (tmp_path / 'e' / 'metadata.jsonl').read_text() == again                 # seeded
+    build(tmp_path / 'n', size=16, limit=5, keywords=[tmp_path / 'a.json'], exclude=['pound hash'], name_rows=3)
+    weighted = [json.loads(line) for line in (tmp_path / 'n' / 'metadata.jsonl').read_text().splitlines()]
+    assert len(weighted) == len(meta) + 2 * 5 and [r for r in weighted if r.get('alias')] == extra
+    with pytest.raises(ValueError, match='name_rows'):
+        build(tmp_path / 'n', size=16, limit=5, name_rows=0)
+    (tmp_path / 'bad.json').write_text('{"names": []}')
+    assert main(['data', 'openmoji', '--out', str(tmp_path / 'f'), '--limit', '2',
+                 '--keywords', str(tmp_path / 'bad.json')]) == 2
+    assert 'not a CLDR annotations JSON file' in capsys.readouterr().err
+
+
+def test_preencode_with_a_half_precision_vqgan(tmp_path, capsys):
+    assert main(['data', 'openmoji', '--out', str(tmp_path / 'emoji'), '--size', '16', '--limit', '4']) == 0
+    torch.manual_seed(0)
+    vq = VQModel(VQModel.make_config('tiny'))
+    vq.save_pretrained(tmp_path / 'vq', {k: v.half() for k, v in vq.state_dict().items()})
+    assert main(['preencode', str(tmp_path / 'emoji'), str(tmp_path / 'pre.safetensors'), '--vqgan',
+                 str(tmp_path / 'vq'), '--image-size', '16', '--text-encoder', 'none']) == 0
+    assert 'wrote 4 samples' in capsys.readouterr().out

@@ -252,3 +252,45 @@ def test_freeze_trains_only_the_rest(tmp_path):
     with pytest.raises(ValueError, match='matches no parameter'):
         train(config('vqgan', tmp_path, data=str(folder), out=str(tmp_path / 'r2'), image_size=32, steps=1,
                      batch_size=4, freeze='encoder'))
+
+
+def test_init_grows_a_decoder_that_starts_as_the_old_one(tmp_path, capsys):
+    from paella.train import init_from
+    folder = synth.image_folder(tmp_path / 'shapes')
+    torch.manual_seed(0)
+    old = VQModel(VQModel.make_config('tiny'))
+    for p in old.parameters():                        # non-zero gammas, so the old decoder is not the identity
+        p.data.add_(torch.randn_like(p) * 0.05)
+    old.save_pretrained(tmp_path / 'vq0', {k: v.half() for k, v in old.state_dict().items()})  # as shipped
+    old = VQModel.from_pretrained(tmp_path / 'vq0', dtype=torch.float32).eval()
+    grown = VQModel(VQModel.make_config('tiny', decoder_blocks=3))
+    init_from(grown, tmp_path / 'vq0')
+    assert 'new ones start as built' in capsys.readouterr().out
+    assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in old.parameters())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(grown.eval()(x)[0], old(x)[0])
+    frozen = 'in_block,down_blocks,vquantizer'
+    cfg = config('vqgan', tmp_path, data=str(folder), image_size=32, steps=2, batch_size=4, init=str(tmp_path / 'vq0'),
+                 model_config='{"decoder_blocks": 3}', freeze=frozen)
+    trained = train(cfg)
+    assert trained.config.decoder_blocks == 3
+    assert torch.equal(trained.encode_indices(x), old.encode_indices(x))       # the tokens stay the same
+    with pytest.raises(ValueError, match='does not fit this model'):
+        init_from(VQModel(VQModel.make_config('small')), tmp_path / 'vq0')          # other shapes
+    with pytest.raises(ValueError, match='not in the model'):
+        init_from(VQModel(VQModel.make_config('tiny', bottleneck_blocks=1)), tmp_path / 'vq0')
+
+
+def test_vq_loss_l1_weight(tmp_path):
+    from paella.train import Slice, VQTask
+    folder = synth.image_folder(tmp_path / 'shapes')
+    x = torch.rand(2, 3, 32, 32)
+    losses, state = {}, None
+    for w in (0.0, 1.0):
+        task = VQTask(config('vqgan', tmp_path, data=str(folder), image_size=32, l1_weight=w), torch.device('cpu'))
+        state = state or task.model.state_dict()
+        task.model.load_state_dict(state)
+        losses[w] = task.loss(task.model, {'image': x}, Slice(0, 2, 2, torch.Generator()))[0]
+    recon = task.model(x)[0]
+    assert torch.allclose(losses[1.0] - losses[0.0], torch.nn.functional.l1_loss(recon, x), atol=1e-6)
