@@ -337,7 +337,7 @@ def init_from(model, folder, log=True):
     unknown = sorted(set(state) - set(mine))
     if wrong or unknown:
         raise ValueError(f"--init={folder} does not fit this model: " +
-                         '; '.join(wrong + [f"{k} not in the model" for k in unknown][:10]))
+                         '; '.join((wrong + [f"{k} not in the model" for k in unknown])[:10]))
     new = sorted(set(mine) - set(state))
     model.load_state_dict(state, strict=False)
     if new and log:
