@@ -187,6 +187,15 @@ def cmd_preencode(args):
     print(f"wrote {n} samples to {args.out} ({len(skipped)} skipped)")
 
 
+def cmd_restored_pairs(args):
+    from .data import restored_pairs
+    from .pipeline import Pipeline
+    _quiet_transformers()
+    pipe = Pipeline.from_pretrained(args.model, device=args.device)
+    n = restored_pairs(args.data, args.out, pipe, args.strength, args.copies, args.seed, args.batch_size)
+    print(f"wrote {n} token/image pairs to {args.out}")
+
+
 def cmd_assemble(args):
     import torch
     from dataclasses import fields
@@ -361,6 +370,18 @@ def main(argv=None):
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--device')
     p.set_defaults(func=cmd_preencode)
+    p = sub.add_parser('restored-pairs', help="the generator's restored tokens with their images, to train a "
+                       "VQGAN decoder on (paella train-vq --data=OUT)")
+    p.add_argument('data', help='image folder with captions')
+    p.add_argument('out', help='output .safetensors file')
+    p.add_argument('--model', help='pipeline folder (default: the shipped emoji model)')
+    p.add_argument('--strength', type=float, default=1.0,
+                   help="noise level the tokens are restored from (1: generated from the caption; default 1)")
+    p.add_argument('--copies', type=int, default=1, help='restored rows per image, besides its own tokens (default 1)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--device')
+    p.set_defaults(func=cmd_restored_pairs)
     p = sub.add_parser('assemble', help='make a pipeline folder from a trained generator and VQGAN')
     p.add_argument('out', help='output pipeline folder')
     p.add_argument('--generator', required=True, help='generator model folder (e.g. runs/gen/ema)')

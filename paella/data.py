@@ -297,3 +297,42 @@ def preencode(folder, out, vqgan, text_encoder=None, clip=None, image_size=64, b
     atomic_write(out, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p,
                                            metadata={'paella': json.dumps(meta)}))
     return len(names), skipped
+
+
+def restored_pairs(folder, out, pipe, strength=1.0, copies=1, seed=0, batch_size=32):
+    """Tokens the pipeline's generator restores, paired with the image they should show: data for training
+    a VQGAN decoder to draw the real image from the generator's (imperfect) tokens (`paella train-vq` on
+    the file). For every image of the folder, one row of its own tokens and ``copies`` rows of its tokens
+    re-noised to ``strength`` and restored toward its caption (`Pipeline.edit`; strength 1 = generated
+    from the caption alone). Tensors: ``tokens`` (N, h, w) int16, ``image`` (N, 3, H, W) uint8 and
+    ``restored`` (N,) bool. Returns the number of rows."""
+    from PIL import Image
+    from safetensors.torch import save_file
+    from .checkpoint import atomic_write
+    w, h = pipe.image_size
+    if w != h:
+        raise ValueError(f"restored_pairs needs a square canvas, the pipeline's is {w}x{h}")
+    ds = ImageFolder(folder, w, random_crop=False)
+    generator = torch.Generator(pipe.device).manual_seed(seed)
+    tokens, images, restored = [], [], []
+    for lo in range(0, len(ds), batch_size):
+        batch, _ = collate([ds[i] for i in range(lo, min(lo + batch_size, len(ds)))])
+        if not batch:
+            continue
+        pixels = (batch['image'] * 255).round().to(torch.uint8)                     # (b, 3, H, W)
+        pil = [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
+        rows = [pipe.encode_images(pil)] + [pipe.edit(pil, batch['caption'], strength, generator=generator,
+                                                      output='tokens') for _ in range(copies)]
+        for i, t in enumerate(rows):
+            tokens.append(t.to(torch.int16).cpu())
+            images.append(pixels)
+            restored.append(torch.full((len(t),), i > 0))
+    if not tokens:
+        raise ValueError(f"no usable images in {folder}")
+    tensors = {'tokens': torch.cat(tokens), 'image': torch.cat(images), 'restored': torch.cat(restored)}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {'strength': strength, 'copies': copies, 'seed': seed, 'image_size': w}
+    atomic_write(out, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p,
+                                           metadata={'paella': json.dumps(meta)}))
+    return len(tensors['tokens'])

@@ -36,6 +36,8 @@ class PaellaConfig:
     kernel_size: int = 3
     dropout: float | list = 0.1
     self_attn: bool = True          # attention keys include the image positions themselves
+    pooled_text: bool = False       # without a CLIP text embedding, feed clip_mapper the text states' mean
+                                    # (L2-normalised: MiniLM's sentence embedding); needs clip_embd == byt5_embd
 
 
 # Size presets: keyword arguments over the published defaults.
@@ -234,12 +236,21 @@ def loss_weight(t, mask, min_val=0.3):
     return 1 - (1 - mask) * ((1 - t) * (1 - min_val))[:, None, None]
 
 
+def text_pool(states):
+    """(B, L, D) text states, zero at padding -> (B, D) L2-normalised mean of the real tokens: for MiniLM
+    exactly the sentence embedding it was trained to give (paraphrases land near each other)."""
+    real = (states != 0).any(-1, keepdim=True).to(states.dtype)                 # (B, L, 1)
+    mean = (states * real).sum(1) / real.sum(1).clamp(min=1)
+    return F.normalize(mean.float(), dim=-1).to(states.dtype)
+
+
 class Paella(Pretrained, nn.Module):
     """The Paella U-Net. ``Paella(byt5_embd=2560)`` is the published v3 model.
 
     forward(x, r, byt5, clip=None, clip_image=None) -> logits (B, num_labels, H, W), where
     x: tokens (B, H, W), r: noise level in [0, 1] (B,), byt5: text hidden states (B, L, byt5_embd),
-    clip / clip_image: CLIP text / image embeddings (B, clip_embd) or None.
+    clip / clip_image: CLIP text / image embeddings (B, clip_embd) or None; with ``pooled_text`` a missing
+    clip is the pooled text (`text_pool`).
     """
     config_class = PaellaConfig
     presets = PRESETS
@@ -255,6 +266,9 @@ class Paella(Pretrained, nn.Module):
         for name in ('nhead', 'blocks', 'level_config'):
             if len(getattr(cfg, name)) != levels:
                 raise ValueError(f"{name} has {len(getattr(cfg, name))} entries but c_hidden has {levels}")
+        if cfg.pooled_text and cfg.clip_embd != cfg.byt5_embd:
+            raise ValueError(f"pooled_text feeds the text states' mean to clip_mapper: clip_embd ({cfg.clip_embd}) "
+                             f"must equal byt5_embd ({cfg.byt5_embd})")
         dropout = cfg.dropout if isinstance(cfg.dropout, (list, tuple)) else [cfg.dropout] * levels
         c_hidden = cfg.c_hidden
 
@@ -350,6 +364,8 @@ class Paella(Pretrained, nn.Module):
     def gen_c_embeddings(self, byt5, clip=None, clip_image=None):
         """Conditioning sequence (B, L + 4 [clip] + 4 [clip_image], c_cond)."""
         seq = self.byt5_mapper(byt5)
+        if clip is None and self.config.pooled_text:
+            clip = text_pool(byt5)
         for vec, mapper in ((clip, self.clip_mapper), (clip_image, self.clip_image_mapper)):
             if vec is not None:
                 seq = torch.cat([seq, mapper(vec).view(vec.size(0), -1, self.c_cond)], dim=1)

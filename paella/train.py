@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write
 from .data import ImageFolder, Preencoded, StepSampler, collate, is_shards, webdataset_images
-from .model import Paella, add_noise, loss_weight
+from .model import Paella, add_noise, loss_weight, text_pool
 from .prior import CosineSchedule, PriorModel
 from .vq import VQModel
 
@@ -68,6 +68,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     min_loss_weight: float = 0.3
     p_uncond_text: float = 0.05     # empty prompt instead of the caption
+    p_drop_tokens: float = 0.0      # pooled_text models: the empty prompt's token states but the caption's
+                                    # pooled vector, per sample (the model learns to draw from the pooled one)
     p_drop_clip: float = 0.9        # CLIP text embedding of the empty prompt instead of the caption's
     p_drop_clip_image: float = 0.9  # no CLIP image embedding
     # vqgan
@@ -197,12 +199,17 @@ class GeneratorTask(Task):
             else:
                 tokens = self.vqgan.encode_indices(batch['image'].to(dev)).cpu()
                 text = self.cache.text(self.encoder, batch['caption']).states
+            u = self.uncond.float()[:, :text.shape[1]]                            # (1, L', D), L' <= L
+            u = F.pad(u, (0, 0, 0, text.shape[1] - u.shape[1]))                    # (1, L, D)
             if s.coin(cfg.p_uncond_text):
-                u = self.uncond.float()[:, :text.shape[1]]                        # (1, L', D), L' <= L
-                text = F.pad(u, (0, 0, 0, text.shape[1] - u.shape[1])).expand_as(text)
+                text = u.expand_as(text)
             clip = batch.get('clip')
             if clip is not None and s.coin(cfg.p_drop_clip):
                 clip = self.dataset.extras['uncond_clip'].expand(len(clip), -1)
+            elif clip is None and self.model.config.pooled_text:
+                clip = text_pool(text)                                              # (b, D)
+                drop = (s.rand() < cfg.p_drop_tokens)[:, None, None]                # (b, 1, 1)
+                text = torch.where(drop, u, text)
             clip_image = batch.get('clip_image')
             if clip_image is not None and s.coin(cfg.p_drop_clip_image):
                 clip_image = None
@@ -241,7 +248,18 @@ class VQTask(Task):
 
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, device
-        self.dataset = image_dataset(cfg)
+        self.pairs = cfg.data.endswith('.safetensors')
+        if self.pairs:
+            # `paella restored-pairs`: given tokens -> their image; the encoder and codebook take no part.
+            self.dataset = Preencoded(cfg.data)
+            if not {'tokens', 'image'} <= set(self.dataset.tensors):
+                raise ValueError(f"{cfg.data} needs 'tokens' and 'image' tensors (paella restored-pairs) "
+                                 "to train a VQGAN on it")
+            if not cfg.freeze:
+                raise ValueError("training on token/image pairs trains the decoder alone: "
+                                 "pass --freeze=in_block,down_blocks,vquantizer")
+        else:
+            self.dataset = image_dataset(cfg)
         self.model = VQModel(VQModel.make_config(cfg.preset, **json.loads(cfg.model_config or '{}')))
         self.usage = torch.zeros(self.model.codebook_size, dtype=torch.long)
         self.latents = None
@@ -253,6 +271,12 @@ class VQTask(Task):
         self.usage = sd['usage']
 
     def loss(self, model, batch, s):
+        if self.pairs:
+            x = batch['image'].to(self.device).float() / 255                # (b, 3, H, W)
+            recon = model(indices=batch['tokens'].long().to(self.device))
+            loss = self.cfg.l1_weight * F.l1_loss(recon.float(), x) + F.mse_loss(recon.float(), x)
+            mse = F.mse_loss(recon.detach().float().clamp(0, 1), x)
+            return loss, {'psnr': (10 * torch.log10(1 / mse)).item()}
         x = batch['image'].to(self.device)
         recon, vq_loss, idx, latent = model(x, details=True)     # through the DDP wrapper, if any
         loss = self.cfg.l1_weight * F.l1_loss(recon.float(), x) + F.mse_loss(recon.float(), x)

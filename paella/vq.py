@@ -164,7 +164,10 @@ class VQModel(Pretrained, nn.Module):
         self._check_indices(idx)
         return self.out_block(self.up_blocks(self.vquantizer.idx2vq(idx.long(), dim=1)))
 
-    def forward(self, x, details=False):
-        """(reconstruction, VQ loss) for training; with details also (indices, latent / scale)."""
+    def forward(self, x=None, details=False, indices=None):
+        """(reconstruction, VQ loss) for training; with details also (indices, latent / scale). With
+        ``indices`` (B, h, w) instead of images: their decoding alone (training the decoder on given tokens)."""
+        if indices is not None:
+            return self.decode_indices(indices)
         qe, latent, indices, vq_loss = self.encode(x)
         return (self.decode(qe), vq_loss, indices, latent) if details else (self.decode(qe), vq_loss)

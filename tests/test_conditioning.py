@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 from paella.conditioning import EmbeddingCache, byt5_encoder, clip_encoder, clip_preprocess, collate
+from paella.model import text_pool
 
 PROMPTS = ['a red apple', 'grinning face with big eyes', 'x']
 
@@ -28,11 +29,20 @@ def test_minilm_from_the_package(minilm):
     assert minilm.width == 384 and out.states.shape == (3, 24, 384)
     assert out.mask[:, 0].all() and not out.mask[2, -1] and (out.states[~out.mask] == 0).all()
     assert torch.equal(minilm.encode(PROMPTS).states, out.states)
-    # Real weights: related prompts are nearer than unrelated ones (mean-pooled, cosine).
-    pooled = lambda p: (lambda o: o.states.sum(1) / o.mask.sum(1, keepdim=True))(minilm.encode(p))
-    a, b, c = pooled(['a red apple', 'a green apple', 'a fire truck'])
-    cos = torch.nn.functional.cosine_similarity
-    assert cos(a, b, dim=0) > cos(a, c, dim=0)
+    # Real weights: related prompts are nearer than unrelated ones (pooled sentence embeddings).
+    a, b, c = text_pool(minilm.encode(['a red apple', 'a green apple', 'a fire truck']).states)
+    assert a @ b > a @ c
+
+
+def test_text_pool_is_minilms_sentence_embedding(minilm):
+    # What a `pooled_text` generator is conditioned on: the embedding sentence-transformers computes
+    # (mean over real tokens, L2-normalised), here from zero-padded states of different lengths.
+    from sentence_transformers import SentenceTransformer
+    from paella.conditioning import minilm_path
+    expected = SentenceTransformer(str(minilm_path()), device='cpu').encode(PROMPTS, convert_to_tensor=True)
+    states = minilm.encode(PROMPTS).states                              # (3, 24, 384), zero at padding
+    torch.testing.assert_close(text_pool(states), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(text_pool(states[2:, :8]), expected[2:], atol=1e-5, rtol=0)
 
 
 def test_clip_text_and_image_embeddings(tiny_clip_dir):

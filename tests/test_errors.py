@@ -37,6 +37,8 @@ def test_bad_config_is_named():
         Paella(Paella.make_config('tiny', level_config=['CT', 'CX', 'CTA']))
     with pytest.raises(TypeError, match='not_an_argument'):
         Paella(not_an_argument=1)
+    with pytest.raises(ValueError, match=r'clip_embd \(16\) must equal byt5_embd \(24\)'):
+        Paella(Paella.make_config('tiny', pooled_text=True))
 
 
 @pytest.mark.parametrize('images, message', [
