@@ -274,19 +274,19 @@ class VQTask(Task):
         if self.pairs:
             x = batch['image'].to(self.device).float() / 255                # (b, 3, H, W)
             recon = model(indices=batch['tokens'].long().to(self.device))
-            loss, metrics = self.cfg.l1_weight * F.l1_loss(recon.float(), x) + F.mse_loss(recon.float(), x), {}
+            loss, metrics = 0, {}
         else:
             x = batch['image'].to(self.device)
             recon, vq_loss, idx, latent = model(x, details=True)     # through the DDP wrapper, if any
-            loss = self.cfg.l1_weight * F.l1_loss(recon.float(), x) + F.mse_loss(recon.float(), x)
             # vq_loss = codebook loss + 0.25 * commitment; commit_weight rescales the commitment part.
-            loss = loss + vq_loss * (1 + self.cfg.commit_weight) / 1.25
+            loss = vq_loss * (1 + self.cfg.commit_weight) / 1.25
             counts = torch.bincount(idx.flatten().cpu(), minlength=self.usage.numel())
             self.usage += counts
             self.latents = (latent * self.model.scale_factor).detach().permute(0, 2, 3, 1).reshape(-1, latent.shape[1])
             p = counts.float() / counts.sum()
             metrics = {'used': int((counts > 0).sum()),
                        'perplexity': float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))}
+        loss = loss + self.cfg.l1_weight * F.l1_loss(recon.float(), x) + F.mse_loss(recon.float(), x)
         mse = F.mse_loss(recon.detach().float().clamp(0, 1), x)
         return loss, {'psnr': (10 * torch.log10(1 / mse)).item(), **metrics}
 
