@@ -42,9 +42,10 @@ def test_eval_command_reports_every_measure(tmp_path, hf_offline, capsys):
     assert main(['eval', '--data', str(tmp_path / 'emoji'), '--n', '12', '--steps', '4']) == 0
     report = json.loads(capsys.readouterr().out)
     assert report['emoji'] == 12 and report['paraphrases'] == 12
-    for key in ('top1', 'top5', 'paraphrase_top1', 'paraphrase_top5', 'fid16', 'median_psnr_to_target', 'vqgan_psnr'):
+    for key in ('top1', 'top5', 'paraphrase_top1', 'paraphrase_top5', 'fid16', 'median_psnr_to_target', 'vqgan_psnr',
+                'vqgan_psnr_real_set'):
         assert isinstance(report[key], float)
-    assert report['vqgan_psnr'] > 15
+    assert report['vqgan_psnr'] > 15 and report['vqgan_psnr_real_set'] > 15
 
 
 def test_restored_pairs_then_the_decoder_learns_them(tmp_path, pipe):
