@@ -136,15 +136,15 @@ def evaluate(pipe, folder, n=200, seed=0, batch=16, **overrides):
     gen_feats = features(gen)
     top1, top5 = retrieval(gen_feats, real_feats, list(range(len(names))))
     p1, p5 = retrieval(features(para), real_feats, [index[t] for _, t in paraphrases])
-    vq_psnr = dict(zip(names, reconstruction_psnr(pipe, [real[name] for name in names], batch)))
-    rest_psnr = reconstruction_psnr(pipe, [real[name] for name in sorted(set(real) - set(names))], batch)
+    vq_psnr = reconstruction_psnr(pipe, [real[name] for name in names])
+    rest_psnr = reconstruction_psnr(pipe, [real[name] for name in sorted(set(real) - set(names))])
     return {
         'emoji': len(names), 'paraphrases': len(paraphrases),
         'top1': round(top1, 4), 'top5': round(top5, 4),
         'paraphrase_top1': round(p1, 4), 'paraphrase_top5': round(p5, 4),
         'fid16': round(frechet(gen_feats, real_feats), 3),
         'median_psnr_to_target': round(float(np.median([psnr(g, real[nm]) for g, nm in zip(gen, names)])), 2),
-        'vqgan_psnr': round(float(np.mean(list(vq_psnr.values()))), 2),
-        'vqgan_psnr_real_set': round(float(np.mean(list(vq_psnr.values()) + rest_psnr)), 2),
+        'vqgan_psnr': round(float(np.mean(vq_psnr)), 2),
+        'vqgan_psnr_real_set': round(float(np.mean(vq_psnr + rest_psnr)), 2),
         'chance_top1': round(1 / len(names), 4), 'chance_top5': round(5 / len(names), 4),
     }
