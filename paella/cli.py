@@ -90,6 +90,24 @@ def _overrides(args):
     return {k: v for k, v in (('steps', args.steps), ('cfg', args.cfg)) if v is not None}
 
 
+def _cfg(text):
+    """--cfg: one guidance scale, or START,END for a linear schedule over the steps."""
+    try:
+        values = tuple(float(v) for v in text.split(','))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected a number or START,END such as 3,1.25, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
 def _size(text):
     """'128x64' -> (128, 64)."""
     try:
@@ -192,8 +210,10 @@ def cmd_restored_pairs(args):
     from .pipeline import Pipeline
     _quiet_transformers()
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
-    n = restored_pairs(args.data, args.out, pipe, args.strength, args.copies, args.seed, args.batch_size)
-    print(f"wrote {n} token/image pairs to {args.out}")
+    n, skipped = restored_pairs(args.data, args.out, pipe, args.strength, args.copies, args.seed, args.batch_size)
+    for name, why in skipped:
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    print(f"wrote {n} token/image pairs to {args.out} ({len(skipped)} skipped)")
 
 
 def cmd_assemble(args):
@@ -241,7 +261,15 @@ def cmd_eval(args):
         rate, wins = regional_trials(pipe, load_real(folder), args.regional, args.seed, **overrides)
         print(json.dumps({'regional_trials': len(wins), 'regional_rate': rate}))
         return
-    print(json.dumps(evaluate(pipe, folder, n=args.n, seed=args.seed, **overrides), indent=2))
+    if args.seeds == 1:
+        print(json.dumps(evaluate(pipe, folder, n=args.n, seed=args.seed, **overrides), indent=2))
+        return
+    from .evaluate import summarize
+    reports = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        reports.append(evaluate(pipe, folder, n=args.n, seed=seed, **overrides))
+        print(json.dumps({'seed': seed, **reports[-1]}), flush=True)
+    print(json.dumps({'seeds': args.seeds, **summarize(reports)}))
 
 
 def cmd_data(args):
@@ -274,7 +302,8 @@ def main(argv=None):
         p.add_argument('-o', '--output', default=output, help='output image (default: %(default)s)')
         p.add_argument('--seed', type=int, help='random seed (default: random)')
         p.add_argument('--steps', type=int, help="sampling steps (default: the model's)")
-        p.add_argument('--cfg', type=float, help="classifier-free guidance scale (default: the model's)")
+        p.add_argument('--cfg', type=_cfg, help="classifier-free guidance scale, or START,END for a linear schedule "
+                                                "over the steps (default: the model's)")
         p.add_argument('--negative-prompt', default='', help='what the image should not be')
         p.add_argument('--grid', action='store_true', help='save all images as one grid')
         p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
@@ -397,9 +426,11 @@ def main(argv=None):
     p.add_argument('--model', help='pipeline folder (default: the shipped emoji model)')
     p.add_argument('--data', help='real renders (a paella data folder; default: built on the fly)')
     p.add_argument('--n', type=int, default=200)
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='picks the scored emoji and seeds the samples')
+    p.add_argument('--seeds', type=_positive, default=1, metavar='K',
+                   help='evaluate seeds SEED .. SEED+K-1: one report line each, then mean / min / max')
     p.add_argument('--steps', type=int)
-    p.add_argument('--cfg', type=float)
+    p.add_argument('--cfg', type=_cfg)
     p.add_argument('--regional', type=int, metavar='TRIALS',
                    help='instead: the regional-prompt check over this many seeded trials (e.g. 20)')
     p.set_defaults(func=cmd_eval)

@@ -305,7 +305,7 @@ def restored_pairs(folder, out, pipe, strength=1.0, copies=1, seed=0, batch_size
     the file). For every image of the folder, one row of its own tokens and ``copies`` rows of its tokens
     re-noised to ``strength`` and restored toward its caption (`Pipeline.edit`; strength 1 = generated
     from the caption alone). Tensors: ``tokens`` (N, h, w) int16, ``image`` (N, 3, H, W) uint8 and
-    ``restored`` (N,) bool. Returns the number of rows."""
+    ``restored`` (N,) bool; skipped files go in the metadata. Returns (rows, list of (name, reason) skipped)."""
     from PIL import Image
     from safetensors.torch import save_file
     from .checkpoint import atomic_write
@@ -314,9 +314,10 @@ def restored_pairs(folder, out, pipe, strength=1.0, copies=1, seed=0, batch_size
         raise ValueError(f"restored_pairs needs a square canvas, the pipeline's is {w}x{h}")
     ds = ImageFolder(folder, w, random_crop=False)
     generator = torch.Generator(pipe.device).manual_seed(seed)
-    tokens, images, restored = [], [], []
+    tokens, images, restored, skipped = [], [], [], []
     for lo in range(0, len(ds), batch_size):
-        batch, _ = collate([ds[i] for i in range(lo, min(lo + batch_size, len(ds)))])
+        batch, bad = collate([ds[i] for i in range(lo, min(lo + batch_size, len(ds)))])
+        skipped += [b for b in bad if not b[1].startswith('caption')]
         if not batch:
             continue
         pixels = (batch['image'] * 255).round().to(torch.uint8)                     # (b, 3, H, W)
@@ -332,7 +333,7 @@ def restored_pairs(folder, out, pipe, strength=1.0, copies=1, seed=0, batch_size
     tensors = {'tokens': torch.cat(tokens), 'image': torch.cat(images), 'restored': torch.cat(restored)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {'strength': strength, 'copies': copies, 'seed': seed, 'image_size': w}
+    meta = {'strength': strength, 'copies': copies, 'seed': seed, 'image_size': w, 'skipped': skipped}
     atomic_write(out, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p,
                                            metadata={'paella': json.dumps(meta)}))
-    return len(tensors['tokens'])
+    return len(tensors['tokens']), skipped

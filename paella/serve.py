@@ -117,7 +117,13 @@ class Service:
         out = {'seed': self.integer(p.get('seed'), 'seed', 0, 2 ** 63 - 1),
                'negative_prompt': self.prompt(p.get('negative_prompt'), 'negative_prompt', required=False)}
         steps = self.integer(p.get('steps'), 'steps', 1, self.limits.max_steps)
-        cfg = self.number(p.get('cfg'), 'cfg', 0, 30)
+        cfg = p.get('cfg')
+        if isinstance(cfg, list) and len(cfg) == 2:                   # [start, end]: a linear schedule
+            cfg = tuple(self.number(v, 'cfg', 0, 30) for v in cfg)
+        elif isinstance(cfg, list):
+            raise BadRequest(f"cfg must be a number or [start, end], got {cfg!r}")
+        else:
+            cfg = self.number(cfg, 'cfg', 0, 30)
         out.update({k: v for k, v in (('steps', steps), ('cfg', cfg)) if v is not None})
         return out
 
@@ -160,6 +166,13 @@ class Service:
         strength = self.number(p.get('strength'), 'strength', 0, 1, default=0.5)
         return self.run(self.pipe.edit, image, self.prompt(p.get('prompt')), strength, callback=callback,
                         **self.sampling(p))
+
+
+def _cfg_ends(cfg):
+    """A model's cfg setting (None, a number or a (start, end) pair) -> (start, end) for the web sliders."""
+    if cfg is None:
+        return 0.0, 0.0
+    return (float(cfg), float(cfg)) if isinstance(cfg, (int, float)) else tuple(float(v) for v in cfg)
 
 
 def png(images):
@@ -290,21 +303,24 @@ def web(service):
                 raise gr.Error(str(e))
         return run
 
-    def fields(seed, steps, cfg, negative):
-        """The settings controls as request fields (a negative seed: random)."""
-        return {'seed': None if seed is None or seed < 0 else int(seed), 'steps': int(steps), 'cfg': float(cfg),
+    def fields(seed, steps, cfg, cfg_end, negative):
+        """The settings controls as request fields (a negative seed: random; cfg linear from cfg to cfg_end)."""
+        # equal ends as one number, so that 0 keeps meaning "no guidance" (as in `sample`)
+        cfg = float(cfg) if cfg == cfg_end else [float(cfg), float(cfg_end)]
+        return {'seed': None if seed is None or seed < 0 else int(seed), 'steps': int(steps), 'cfg': cfg,
                 'negative_prompt': negative}
 
-    def common(progress, seed, steps, cfg, negative):
+    def common(progress, seed, steps, cfg, cfg_end, negative):
         """Validated sampling keyword arguments, with the progress bar as the sampler's callback."""
-        return dict(service.sampling(fields(seed, steps, cfg, negative)),
+        return dict(service.sampling(fields(seed, steps, cfg, cfg_end, negative)),
                     callback=progress_callback(progress, int(steps)))
 
-    def text_to_image(progress, prompt, negative, seed, steps, cfg, n):
-        return service.generate({'prompt': prompt, 'num_images': int(n), **fields(seed, steps, cfg, negative)},
+    def text_to_image(progress, prompt, negative, seed, steps, cfg, cfg_end, n):
+        return service.generate({'prompt': prompt, 'num_images': int(n),
+                                 **fields(seed, steps, cfg, cfg_end, negative)},
                                 callback=progress_callback(progress, int(steps)))
 
-    def inpaint(progress, editor, prompt, negative, seed, steps, cfg):
+    def inpaint(progress, editor, prompt, negative, seed, steps, cfg, cfg_end):
         if not editor or editor.get('background') is None:
             raise BadRequest("upload an image and paint the part to regenerate")
         image = service.image(editor['background'])
@@ -313,38 +329,41 @@ def web(service):
             raise BadRequest("paint over the part of the image to regenerate")
         mask = np.any(alpha, axis=0)
         return service.run(pipe.inpaint, image, mask, service.prompt(prompt),
-                           **common(progress, seed, steps, cfg, negative))
+                           **common(progress, seed, steps, cfg, cfg_end, negative))
 
-    def outpaint(progress, image, prompt, width, height, position, negative, seed, steps, cfg):
+    def outpaint(progress, image, prompt, width, height, position, negative, seed, steps, cfg, cfg_end):
         image = service.image(image)
         size = service.size(int(width), int(height))
         return service.run(pipe.outpaint, image, service.prompt(prompt), size, position,
-                           **common(progress, seed, steps, cfg, negative))
+                           **common(progress, seed, steps, cfg, cfg_end, negative))
 
-    def variations(progress, image, n, strength, negative, seed, steps, cfg):
+    def variations(progress, image, n, strength, negative, seed, steps, cfg, cfg_end):
         image = service.image(image)
         n = service.integer(int(n), 'images', 1, lim.max_images)
         return service.run(pipe.variations, image, n, '', float(strength),
-                           **common(progress, seed, steps, cfg, negative))
+                           **common(progress, seed, steps, cfg, cfg_end, negative))
 
-    def interpolate(progress, a, b, n, method, negative, seed, steps, cfg):
+    def interpolate(progress, a, b, n, method, negative, seed, steps, cfg, cfg_end):
         n = service.integer(int(n), 'images', 2, lim.max_images)
-        kw = service.sampling(fields(seed, steps, cfg, negative))
+        kw = service.sampling(fields(seed, steps, cfg, cfg_end, negative))
         kw['seed'] = kw['seed'] or 0
         return service.run(pipe.interpolate, service.prompt(a, 'first prompt'), service.prompt(b, 'last prompt'),
                            n, method, **kw)
 
-    def edit(progress, image, prompt, strength, negative, seed, steps, cfg):
+    def edit(progress, image, prompt, strength, negative, seed, steps, cfg, cfg_end):
         return service.run(pipe.edit, service.image(image), service.prompt(prompt), float(strength),
-                           **common(progress, seed, steps, cfg, negative))
+                           **common(progress, seed, steps, cfg, cfg_end, negative))
 
     def controls():
         with gr.Accordion('settings', open=False):
             negative = gr.Textbox(label='negative prompt', max_length=lim.max_prompt)
             seed = gr.Number(label='seed (-1: random)', value=0, precision=0)
             steps = gr.Slider(1, lim.max_steps, value=pipe.settings.steps, step=1, label='steps')
-            cfg = gr.Slider(0, 15, value=float(pipe.settings.cfg or 0), step=0.1, label='cfg')
-        return [negative, seed, steps, cfg]
+            # the model's default may be a (start, end) schedule: one slider for each end
+            start, end = _cfg_ends(pipe.settings.cfg)
+            cfg = gr.Slider(0, 15, value=start, step=0.05, label='cfg (first step)')
+            cfg_end = gr.Slider(0, 15, value=end, step=0.05, label='cfg (last step)')
+        return [negative, seed, steps, cfg, cfg_end]
 
     def gallery(elem_id=None):
         return gr.Gallery(label='result', columns=4, height=360, object_fit='contain', format='png', elem_id=elem_id)
@@ -357,7 +376,7 @@ def web(service):
             rest = controls()
             button = gr.Button('Generate', variant='primary', elem_id='generate')
             out = gallery('gallery')
-            button.click(guarded(text_to_image), [prompt, rest[0], rest[1], rest[2], rest[3], n], out,
+            button.click(guarded(text_to_image), [prompt, *rest, n], out,
                          api_name='generate')
         with gr.Tab('inpaint'):
             editor = gr.ImageEditor(label='image: paint the part to regenerate', type='pil')

@@ -34,6 +34,20 @@ def test_generate_command_uses_the_default_model(tmp_path, hf_offline):
     assert Image.open(tmp_path / 'apple.png').size == (64, 64)
 
 
+def test_cfg_option_takes_a_number_or_a_schedule(tmp_path, hf_offline, capsys):
+    from paella.cli import main
+    out = {}
+    for cfg in ('2', '2,2', '5,0.5'):
+        assert main(['generate', 'red apple', '--seed', '0', '--steps', '4', '--cfg', cfg,
+                     '-o', str(tmp_path / f'{cfg}.png')]) == 0
+        out[cfg] = np.asarray(Image.open(tmp_path / f'{cfg}.png'))
+    assert np.array_equal(out['2'], out['2,2']) and not np.array_equal(out['2'], out['5,0.5'])
+    for bad in ('high', '3,2,1'):
+        with pytest.raises(SystemExit):
+            main(['generate', 'red apple', '--cfg', bad])
+        assert 'expected a number or START,END' in capsys.readouterr().err
+
+
 def test_eval_command_reports_every_measure(tmp_path, hf_offline, capsys):
     import json
     from paella.cli import main
@@ -43,9 +57,19 @@ def test_eval_command_reports_every_measure(tmp_path, hf_offline, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report['emoji'] == 12 and report['paraphrases'] == 12
     for key in ('top1', 'top5', 'paraphrase_top1', 'paraphrase_top5', 'fid16', 'median_psnr_to_target', 'vqgan_psnr',
-                'vqgan_psnr_real_set'):
+                'vqgan_psnr_real_set', 'gap_db'):
         assert isinstance(report[key], float)
     assert report['vqgan_psnr'] > 15 and report['vqgan_psnr_real_set'] > 15
+    assert abs(report['gap_db'] - (report['vqgan_psnr'] - report['median_psnr_to_target'])) < 0.011
+    # several seeds: a line per seed (the first is the report above: seeded), then mean / min / max
+    assert main(['eval', '--data', str(tmp_path / 'emoji'), '--n', '12', '--steps', '4', '--seeds', '2']) == 0
+    *lines, summary = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r.pop('seed') for r in lines] == [0, 1] and lines[0] == report and lines[1] != report
+    assert summary['seeds'] == 2
+    for key in ('top1', 'fid16', 'gap_db'):
+        values = [r[key] for r in lines]
+        assert summary[key]['min'] == min(values) and summary[key]['max'] == max(values)
+        assert abs(summary[key]['mean'] - sum(values) / 2) < 1e-4
 
 
 def test_restored_pairs_then_the_decoder_learns_them(tmp_path, pipe):
@@ -58,14 +82,16 @@ def test_restored_pairs_then_the_decoder_learns_them(tmp_path, pipe):
     from paella.vq import VQModel
     from paella.pipeline import default_model_path
     folder = synth.image_folder(tmp_path / 'shapes', 64)
-    assert restored_pairs(folder, tmp_path / 'p.safetensors', pipe, strength=0.5, copies=1, batch_size=4) == 16
-    assert restored_pairs(folder, tmp_path / 'q.safetensors', pipe, strength=0.5, copies=1, batch_size=4) == 16
+    assert restored_pairs(folder, tmp_path / 'p.safetensors', pipe, strength=0.5, copies=1, batch_size=4) == (16, [])
+    files = sorted(folder.glob('*.png'))
+    (folder / 'zz_broken.png').write_bytes(b'not a png')        # skipped and reported; the rest is unchanged
+    assert restored_pairs(folder, tmp_path / 'q.safetensors', pipe, strength=0.5, copies=1, batch_size=4) == \
+        (16, [('zz_broken.png', 'not an image')])
     d, again = load_file(str(tmp_path / 'p.safetensors')), load_file(str(tmp_path / 'q.safetensors'))
     assert all(torch.equal(d[k], again[k]) for k in d)                            # seeded
     # Per batch of 4: the images' own tokens, then the same images' tokens restored from noise level 0.5.
     real, restored = d['tokens'].view(2, 2, 4, 16, 16).long().unbind(1)
     assert d['restored'].view(2, 2, 4)[:, 1].all() and not d['restored'].view(2, 2, 4)[:, 0].any()
-    files = sorted(folder.glob('*.png'))
     assert torch.equal(real.reshape(8, 16, 16), pipe.encode_images(files))
     assert torch.equal(d['image'].view(2, 2, 4, 3, 64, 64)[:, 0].reshape(8, 3, 64, 64),
                        torch.stack([torch.from_numpy(np.array(Image.open(f).convert('RGB'))).permute(2, 0, 1)

@@ -104,6 +104,14 @@ def test_generate_returns_pngs(server):
     assert status == 200 and Image.open(io.BytesIO(body)).size == (192, 64)   # a grid
 
 
+def test_cfg_takes_a_number_or_a_start_end_schedule(server):
+    gen = server + '/v1/generate'
+    flat = post_json(gen, {'prompt': 'red apple', 'seed': 0, 'steps': 4, 'cfg': 2.0})[1]
+    assert post_json(gen, {'prompt': 'red apple', 'seed': 0, 'steps': 4, 'cfg': [2.0, 2.0]})[1] == flat
+    status, body = post_json(gen, {'prompt': 'red apple', 'seed': 0, 'steps': 4, 'cfg': [6.0, 0.5]})
+    assert status == 200 and body != flat
+
+
 def test_edit_takes_an_uploaded_image(server):
     buf = io.BytesIO()
     Image.new('RGB', (64, 64), (220, 30, 30)).save(buf, 'PNG')
@@ -124,6 +132,8 @@ def test_bad_requests_get_a_4xx_with_a_message(server):
         (post_json(gen, ['red apple']), 400, 'JSON object'),
         (post_json(gen, {'prompt': 'x', 'size': 4096}), 400, 'unknown field'),
         (post_json(gen, {'prompt': 'x', 'cfg': 'high'}), 400, 'cfg must be a number'),
+        (post_json(gen, {'prompt': 'x', 'cfg': [3, 2, 1]}), 400, 'cfg must be a number or [start, end]'),
+        (post_json(gen, {'prompt': 'x', 'cfg': [3, 40]}), 400, 'cfg must be between 0 and 30'),
     ]
     huge = io.BytesIO()
     Image.new('RGB', (2000, 2000)).save(huge, 'PNG')
@@ -190,7 +200,7 @@ def test_every_web_mode_through_gradio_api(server, tmp_path):
     paint.paste((255, 255, 255, 255), (32, 0, 64, 64))
     paint.save(tmp_path / 'paint.png')
     client = Client(server + '/', verbose=False)
-    settings = ['', 0, 4, 1.5]                                   # negative prompt, seed, steps, cfg
+    settings = ['', 0, 4, 1.5, 1.5]                  # negative prompt, seed, steps, cfg first / last step
     calls = {
         '/generate': ['red apple', *settings, 2],
         '/inpaint': [{'background': handle_file(str(apple)), 'layers': [handle_file(str(tmp_path / 'paint.png'))],
@@ -206,5 +216,5 @@ def test_every_web_mode_through_gradio_api(server, tmp_path):
         assert len(gallery) == expected[api_name], api_name
         assert Image.open(gallery[0]['image']).size[1] == 64, api_name
     with pytest.raises(Exception, match='greater than maximum value 50'):   # the slider's own limit
-        client.predict('red apple', '', 0, 500, 1.5, 1, api_name='/generate')
+        client.predict('red apple', '', 0, 500, 1.5, 1.5, 1, api_name='/generate')
     assert alive(server)
