@@ -264,10 +264,10 @@ def cmd_eval(args):
     if args.seeds == 1:
         print(json.dumps(evaluate(pipe, folder, n=args.n, seed=args.seed, **overrides), indent=2))
         return
-    from .evaluate import summarize
-    reports = []
+    from .evaluate import load_real, real_set_psnr, summarize
+    recon, reports = real_set_psnr(pipe, load_real(folder)), []            # the same for every seed
     for seed in range(args.seed, args.seed + args.seeds):
-        reports.append(evaluate(pipe, folder, n=args.n, seed=seed, **overrides))
+        reports.append(evaluate(pipe, folder, n=args.n, seed=seed, recon=recon, **overrides))
         print(json.dumps({'seed': seed, **reports[-1]}), flush=True)
     print(json.dumps({'seeds': args.seeds, **summarize(reports)}))
 
