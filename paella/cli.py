@@ -108,6 +108,12 @@ def _positive(text):
     return value
 
 
+def _port(text):
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
 def _size(text):
     """'128x64' -> (128, 64)."""
     try:
@@ -158,16 +164,18 @@ def cmd_edit_mode(args):
 
 def cmd_serve(args):
     from .pipeline import Pipeline
-    from .serve import HOST, Limits, serve
+    from .serve import allowed_hosts, is_loopback, serve, url_host
     _quiet_transformers()
-    limits = Limits(max_steps=args.max_steps, max_size=args.max_size, max_images=args.max_images,
-                    max_prompt=args.max_prompt, max_body=args.max_body, concurrency=args.concurrency,
-                    queue=args.queue)
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
-    if args.host != HOST:
-        print(f"paella serve: listening on {args.host}: reachable from other machines", file=sys.stderr)
-    print(f"paella serve: http://{args.host}:{args.port}/ (web app), /v1/generate, /v1/edit (API)", flush=True)
-    serve(pipe, args.host, args.port, limits, with_web=not args.api_only)
+    hosts = allowed_hosts(args.host, args.allowed_hosts)
+    if not is_loopback(args.host):
+        print(f"paella serve: listening on {args.host}: reachable from other machines, with no login; "
+              f"put it behind a proxy with TLS and a password (README, 'paella serve'). Host names "
+              f"accepted: {', '.join(hosts)}", file=sys.stderr)
+    base = f"http://{url_host(args.host)}:{args.port}"
+    web = '' if args.api_only else f"{base}/ (web app), "
+    print(f"paella serve: {web}{base}/v1/generate, /v1/edit (API)", flush=True)
+    serve(pipe, args.host, args.port, args.limits, with_web=not args.api_only, hosts=hosts)
 
 
 TRAIN_COMMANDS = {'train': 'generator', 'train-vq': 'vqgan', 'train-prior': 'prior'}
@@ -288,6 +296,7 @@ def main(argv=None):
         except (ValueError, FileNotFoundError) as e:
             print(f"paella {argv[0]}: error: {e}", file=sys.stderr)
             return 2
+    from dataclasses import fields
     from .serve import HOST, Limits
     parser = argparse.ArgumentParser(prog='paella', description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest='command', required=True)
@@ -377,17 +386,24 @@ def main(argv=None):
     p.add_argument('--model', help='pipeline folder (default: the emoji model shipped in the package)')
     p.add_argument('--host', default=HOST,
                    help='address to listen on (default: %(default)s, this machine only; 0.0.0.0: every interface)')
-    p.add_argument('--port', type=int, default=7860)
+    p.add_argument('--port', type=_port, default=7860)
+    p.add_argument('--allowed-hosts', nargs='+', default=[], metavar='NAME',
+                   help='host names clients may use besides loopback ones (the name a proxy forwards; * for any)')
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
     p.add_argument('--api-only', action='store_true', help='the /v1 HTTP API without the web app')
     limits = Limits()
-    for name, help_ in (('max_steps', 'sampling steps per request'), ('max_size', 'canvas / upload side, pixels'),
-                        ('max_images', 'images per request'), ('max_prompt', 'characters per prompt'),
-                        ('max_body', 'request body bytes'), ('concurrency', 'generations at once'),
-                        ('queue', 'requests waiting beyond those (more get 503)')):
-        p.add_argument('--' + name.replace('_', '-'), type=int, default=getattr(limits, name),
+    for name, kind, help_ in (
+            ('max_steps', int, 'sampling steps per request'), ('max_size', int, 'canvas / upload side, pixels'),
+            ('max_images', int, 'images per request'), ('max_prompt', int, 'characters per prompt'),
+            ('max_body', int, 'request body bytes'), ('concurrency', int, 'generations at once'),
+            ('queue', int, 'requests waiting beyond those (more get 503)'),
+            ('wait', float, 'seconds a request may wait in the queue'),
+            ('request_timeout', float, 'seconds a client may take to send a request'),
+            ('max_cache', int, "bytes the web app's uploads and results may take on disk")):
+        p.add_argument('--' + name.replace('_', '-'), type=kind, default=getattr(limits, name),
                        help=f'{help_} (default: %(default)s)')
     p.set_defaults(func=cmd_serve)
+    serve_parser = p
 
     p = sub.add_parser('preencode', help='encode an image folder once (VQGAN tokens, text states, CLIP) for training')
     p.add_argument('data', help='image folder with captions')
@@ -453,6 +469,12 @@ def main(argv=None):
         sub.add_parser(name, help=f'train the {model} (--key=value settings; --help lists them)')
 
     args = parser.parse_args(argv)
+    if args.command == 'serve':
+        names = [f.name for f in fields(Limits)]
+        try:
+            args.limits = Limits(**{k: getattr(args, k) for k in names})
+        except ValueError as e:
+            serve_parser.error(f"--{str(e).replace('_', '-', 1)}")
     from .checkpoint import CheckpointError
     try:
         args.func(args)

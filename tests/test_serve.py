@@ -3,96 +3,21 @@ import concurrent.futures
 import io
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from serving import Server, alive, call, multipart, post_json, raw
 
 CHROMIUM = '/usr/bin/chromium'
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def call(url, body=None, headers=None, timeout=120):
-    """(status, body bytes) of a GET (body None) or POST."""
-    req = urllib.request.Request(url, data=body, headers=headers or {}, method='GET' if body is None else 'POST')
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def post_json(url, obj, **kw):
-    return call(url, obj if isinstance(obj, bytes) else json.dumps(obj).encode(),
-                {'content-type': 'application/json'}, **kw)
-
-
-def announce_body(url, path, length):
-    """(status, body) for a POST that announces ``length`` bytes and waits (Expect: 100-continue, as curl
-    does) before sending them: a server refusing by size answers at once."""
-    host, port = url.split('//')[1].split(':')
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(f'POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n'
-                  f'Content-Length: {length}\r\nExpect: 100-continue\r\n\r\n'.encode())
-        data = b''
-        while b'\r\n\r\n' not in data or len(data.split(b'\r\n\r\n', 1)[1]) < 10:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    head, body = data.split(b'\r\n\r\n', 1)
-    return int(head.split()[1]), body
-
-
-def multipart(fields, files):
-    boundary = 'paella-test-boundary'
-    parts = []
-    for k, v in fields.items():
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode())
-    for k, (name, data) in files.items():
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{name}"\r\n'
-                     f'Content-Type: application/octet-stream\r\n\r\n'.encode() + data + b'\r\n')
-    return b''.join(parts) + f'--{boundary}--\r\n'.encode(), {'content-type': f'multipart/form-data; boundary={boundary}'}
-
-
 @pytest.fixture(scope='module')
 def server(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp('serve') / 'serve.log'
-    env = {**os.environ, 'PYTHONPATH': str(REPO), 'HF_HUB_OFFLINE': '1'}
-    proc = subprocess.Popen([sys.executable, '-m', 'paella.cli', 'serve', '--port', str(port), '--queue', '8'],
-                            stdout=open(log, 'w'), stderr=subprocess.STDOUT, env=env)
-    url = f'http://127.0.0.1:{port}'
-    for _ in range(240):
-        try:
-            if call(url + '/v1/health', timeout=2)[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-        assert proc.poll() is None, log.read_text()
-    else:
-        pytest.fail('server did not start: ' + log.read_text())
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-def alive(url):
-    status, body = call(url + '/v1/health', timeout=10)
-    return status == 200 and json.loads(body)['status'] == 'ok'
+    srv = Server(tmp_path_factory.mktemp('serve'), '--queue', '8')
+    yield srv.url
+    srv.stop()
 
 
 def test_generate_returns_pngs(server):
@@ -128,7 +53,7 @@ def test_bad_requests_get_a_4xx_with_a_message(server):
         (post_json(gen, {'prompt': 'x', 'steps': 10 ** 6}), 400, 'steps must be between'),
         (post_json(gen, {'prompt': 'x', 'num_images': 500}), 400, 'num_images must be between 1 and 8'),
         (post_json(gen, {'prompt': 'x' * 5000}), 400, 'the limit is 300'),
-        (post_json(gen, b'{"prompt": "red'), 400, 'malformed JSON'),
+        (post_json(gen, b'{"prompt": "red'), 400, 'not valid JSON'),
         (post_json(gen, ['red apple']), 400, 'JSON object'),
         (post_json(gen, {'prompt': 'x', 'size': 4096}), 400, 'unknown field'),
         (post_json(gen, {'prompt': 'x', 'cfg': 'high'}), 400, 'cfg must be a number'),
@@ -140,10 +65,11 @@ def test_bad_requests_get_a_4xx_with_a_message(server):
     for files, fields, expect, message in [
             ({'image': ('notes.txt', b'not an image at all')}, {'prompt': 'x'}, 400, 'not a readable image'),
             ({'image': ('huge.png', huge.getvalue())}, {'prompt': 'x'}, 400, 'limit is 512 pixels'),
-            ({}, {'prompt': 'x'}, 400, "missing the 'image'")]:
+            ({}, {'prompt': 'x'}, 400, "'image' file field is missing")]:
         body, headers = multipart(fields, files)
         cases.append((call(server + '/v1/edit', body, headers), expect, message))
-    cases.append((announce_body(server, '/v1/edit', 5 * 2 ** 20), 413, 'over the limit'))
+    cases.append((raw(server, f'POST /v1/edit HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/octet-stream\n'
+                          f'Content-Length: {5 * 2 ** 20}\nExpect: 100-continue'), 413, 'over the limit'))
     for (status, body), expect, message in cases:
         assert status == expect and message in json.loads(body)['error'], (status, body)
         assert alive(server)
@@ -175,6 +101,8 @@ def test_forty_concurrent_requests(server):
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason='needs Debian chromium (.ci/run installs it)')
 def test_web_app_in_chromium(server, tmp_path):
+    """As a person would: a result fills the gallery uncropped, a mistake reads as a sentence, and the
+    inpainting brush is small enough for a 64 px image."""
     from playwright.sync_api import sync_playwright
     shot = os.environ.get('PAELLA_SCREENSHOT') or str(tmp_path / 'serve.png')
     with sync_playwright() as p:
@@ -183,12 +111,25 @@ def test_web_app_in_chromium(server, tmp_path):
         page.goto(server + '/')
         page.locator('#prompt textarea').fill('fire engine')
         page.locator('#generate').click()
-        image = page.locator('#gallery img').first
+        image = page.locator('#generate-gallery img').first
         image.wait_for(state='visible', timeout=120_000)
+        page.wait_for_timeout(300)
         assert image.evaluate('img => img.naturalWidth') == 64
+        box, frame = image.bounding_box(), page.locator('#generate-gallery').bounding_box()
+        assert box['width'] >= 0.8 * frame['width'] / 2 and box['width'] == box['height']   # a column of two, square
+        assert box['y'] >= frame['y'] and box['y'] + box['height'] <= frame['y'] + frame['height']
         page.screenshot(path=shot)
+        page.get_by_role('tab', name='edit').click()
+        page.locator('#edit').click()                                   # no image uploaded
+        toast = page.locator('.toast-body').first
+        toast.wait_for(state='visible', timeout=30_000)
+        text = toast.inner_text()
+        assert 'Upload an image first.' in text and not any(w in text for w in ('NoneType', '/tmp', 'Traceback'))
         browser.close()
     assert os.path.getsize(shot) > 10_000
+    config = json.loads(call(server + '/config')[1])
+    brushes = [c['props']['brush'] for c in config['components'] if c.get('type') == 'imageeditor']
+    assert brushes and all(b['default_size'] <= 64 / 16 for b in brushes)
 
 
 def test_every_web_mode_through_gradio_api(server, tmp_path):
@@ -202,7 +143,7 @@ def test_every_web_mode_through_gradio_api(server, tmp_path):
     client = Client(server + '/', verbose=False)
     settings = ['', 0, 4, 1.5, 1.5]                  # negative prompt, seed, steps, cfg first / last step
     calls = {
-        '/generate': ['red apple', *settings, 2],
+        '/generate': ['red apple', 2, *settings],
         '/inpaint': [{'background': handle_file(str(apple)), 'layers': [handle_file(str(tmp_path / 'paint.png'))],
                       'composite': None}, 'banana', *settings],
         '/outpaint': [handle_file(str(apple)), 'green apple', 128, 64, 'left', *settings],
@@ -216,5 +157,5 @@ def test_every_web_mode_through_gradio_api(server, tmp_path):
         assert len(gallery) == expected[api_name], api_name
         assert Image.open(gallery[0]['image']).size[1] == 64, api_name
     with pytest.raises(Exception, match='greater than maximum value 50'):   # the slider's own limit
-        client.predict('red apple', '', 0, 500, 1.5, 1.5, 1, api_name='/generate')
+        client.predict('red apple', 1, '', 0, 500, 1.5, 1.5, api_name='/generate')
     assert alive(server)

@@ -1,0 +1,100 @@
+"""ASGI middleware in front of everything the server answers (API and web app alike).
+
+- Host: only the names in ``hosts`` (loopback by default), with Starlette's `TrustedHostMiddleware`.
+  A DNS-rebinding page reaches us under its own name, so it is refused here.
+- Origin: a browser names the page that sent a request; one from another site (or ``null``) gets 403, so
+  a page the user visits cannot drive the server (the app has no login, so this is its CSRF defence).
+- Body size: over ``max_body`` bytes is 413, by Content-Length before reading, or counted as a chunked body
+  arrives (the app is then told the client left, and whatever it answers is dropped).
+- Disk: uploads to the web app are refused (507) while its cache holds more than ``max_cache`` bytes.
+"""
+import json
+import logging
+import os
+from urllib.parse import urlsplit
+
+log = logging.getLogger('paella.serve')
+UPLOAD_PATH = '/gradio_api/upload'
+
+
+async def refuse(send, status, message, headers=()):
+    body = json.dumps({'error': message}).encode()
+    await send({'type': 'http.response.start', 'status': status,
+                'headers': [(b'content-type', b'application/json'), (b'content-length', str(len(body)).encode()),
+                            (b'connection', b'close'), *headers]})
+    await send({'type': 'http.response.body', 'body': body})
+
+
+def same_origin(origin, host_header):
+    """True if the browser's Origin header names this server as the client reached it (its Host header)."""
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
+    return parts.scheme in ('http', 'https') and bool(parts.netloc) and parts.netloc.lower() == host_header.lower()
+
+
+def folder_bytes(path):
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+class Guard:
+    def __init__(self, app, max_body, cache_dir=None, max_cache=None):
+        self.app, self.max_body, self.cache_dir, self.max_cache = app, max_body, cache_dir, max_cache
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] != 'http':
+            return await self.app(scope, receive, send)
+        headers = {k.lower(): v for k, v in scope.get('headers') or []}
+        where = f"{scope['method']} {scope['path']}"
+        origin = headers.get(b'origin')
+        if origin is not None and not same_origin(origin.decode('latin-1'), headers.get(b'host', b'').decode('latin-1')):
+            log.warning("403 %s: refused a request sent by another site's page (Origin %s)", where,
+                        origin.decode('latin-1')[:100])
+            return await refuse(send, 403, "requests from other sites' pages are not accepted")
+        length = headers.get(b'content-length')
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            log.warning("413 %s: body of %s bytes", where, length.decode('latin-1')[:30])
+            return await refuse(send, 413, f"the request body is over the limit of {self.max_body} bytes")
+        if (scope['path'] == UPLOAD_PATH and self.cache_dir is not None
+                and folder_bytes(self.cache_dir) > self.max_cache):
+            log.warning("507 %s: the upload cache is full", where)
+            return await refuse(send, 507, "the server holds too many uploads right now; try again in a few minutes")
+        return await self._counted(scope, receive, send, where)
+
+    async def _counted(self, scope, receive, send, where):
+        """Pass the request on, counting its body; past the limit answer 413 and cut the app off."""
+        seen, started, refused = 0, False, False
+
+        async def counted():
+            nonlocal seen, refused
+            if refused:
+                return {'type': 'http.disconnect'}
+            message = await receive()
+            seen += len(message.get('body', b''))
+            if seen > self.max_body:
+                refused = True
+                log.warning("413 %s: body over %d bytes", where, self.max_body)
+                if not started:
+                    await refuse(send, 413, f"the request body is over the limit of {self.max_body} bytes")
+                return {'type': 'http.disconnect'}
+            return message
+
+        async def watched(message):
+            nonlocal started
+            if refused:                            # our 413 was the answer; drop the app's
+                return
+            started = started or message['type'] == 'http.response.start'
+            await send(message)
+        try:
+            await self.app(scope, counted, watched)
+        except Exception:
+            if not refused:                        # the app failed on a body we cut short: expected
+                raise
