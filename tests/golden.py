@@ -1,0 +1,94 @@
+"""The golden outputs that prove a refactor changed nothing: the default model's tokens in every mode, and the
+final weights of a tiny training run of each recipe. `tests/test_golden.py` recomputes them and compares
+bit for bit; `python tests/golden.py` writes them again (only for a deliberate change of behaviour, in a
+commit of its own that says which entries changed and why).
+
+The model runs in float32 (its weights ship in float16, so float32 is exact and machine-independent;
+bfloat16 kernels are not); token draws use seeded generators; training runs in fp32 on one process.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+GOLDEN = HERE / 'golden'
+sys.path.insert(0, str(HERE))
+
+
+def pictures():
+    """Inputs for the editing modes: a drawn 64 px picture, its right half as a mask, and the same picture
+    with a transparent background."""
+    import synth
+    image = synth.shape_image('red', 'circle', 64)
+    mask = np.zeros((64, 64), bool)
+    mask[:, 32:] = True
+    rgba = image.convert('RGBA')
+    alpha = Image.new('L', (64, 64), 0)
+    alpha.paste(255, (12, 12, 52, 52))
+    rgba.putalpha(alpha)
+    return image, mask, rgba
+
+
+def model_outputs():
+    """{entry: token grid} for every mode of the default model."""
+    from paella.pipeline import Pipeline
+    pipe = Pipeline.from_pretrained(dtype=torch.float32)
+    image, mask, rgba = pictures()
+    t = dict(output='tokens')
+    return {
+        'generate': pipe(['red apple', 'a cat wearing sunglasses'], seed=0, **t),
+        'generate_seed1': pipe(['rocket'], seed=1, **t),
+        'negative_prompt': pipe(['red apple'], negative_prompt='green', seed=2, **t),
+        'cfg_schedule': pipe(['rocket'], seed=3, cfg=(4.0, 1.0), **t),
+        'cfg_constant': pipe(['snowman'], seed=3, cfg=2.0, steps=8, **t),
+        'inpaint': pipe.inpaint(image, mask, 'banana', seed=4, **t),
+        'outpaint': pipe.outpaint(image, 'green apple', (128, 64), 'left', seed=5, **t),
+        'edit': pipe.edit(image, 'tomato', 0.5, seed=6, **t),
+        'edit_transparent': pipe.edit(rgba, 'tomato', 0.5, seed=6, **t),
+        'variations': pipe.variations(image, 2, '', 0.6, seed=7, **t),
+        'interpolate': pipe.interpolate('red apple', 'green apple', 3, 'slerp', seed=8, **t),
+        'regional': pipe.regional([('red apple', (0, 0, 64, 64)), ('banana', (64, 0, 128, 64))], (128, 64),
+                                  seed=9, **t),
+    }
+
+
+def training_outputs():
+    """{recipe.parameter: final weight} of a tiny fp32 run of each recipe, through the command line."""
+    import synth
+    from safetensors.torch import load_file
+    repo = HERE.parent
+    env = {**os.environ, 'PYTHONPATH': str(repo), 'HF_HUB_OFFLINE': '1'}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        runs = {
+            'generator': ('train', synth.preencoded_tokens(tmp / 'tokens.safetensors', n=8), []),
+            'vqgan': ('train-vq', synth.image_folder(tmp / 'shapes', 32), ['--image_size=32']),
+            'prior': ('train-prior', synth.preencoded_pairs(tmp / 'pairs.safetensors'), []),
+        }
+        for recipe, (command, data, extra) in runs.items():
+            run = tmp / recipe
+            subprocess.run([sys.executable, '-m', 'paella.cli', command, f'--data={data}', f'--out={run}',
+                            '--preset=tiny', '--steps=12', '--batch_size=4', '--lr=1e-3', '--warmup=2',
+                            '--precision=fp32', '--tensorboard=false', '--log_every=4', '--save_every=1000',
+                            *extra], check=True, env=env, capture_output=True)
+            weights = next((run / 'model').glob('*.safetensors'))
+            out.update({f'{recipe}.{k}': v for k, v in load_file(str(weights)).items()})
+    return out
+
+
+def write():
+    from safetensors.torch import save_file
+    GOLDEN.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model_outputs().items()}, str(GOLDEN / 'default_model_tokens.safetensors'))
+    save_file({k: v.contiguous() for k, v in training_outputs().items()}, str(GOLDEN / 'training_weights.safetensors'))
+
+
+if __name__ == '__main__':
+    write()
