@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import add_noise
+from .noise import add_noise
 from .sampler import sample
 
 POSITIONS = ('center', 'left', 'right', 'top', 'bottom', 'top-left', 'top-right', 'bottom-left', 'bottom-right')

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import Pretrained
+from .noise import add_noise, check_token_range, loss_weight, r_embedding
 
 
 @dataclass
@@ -203,39 +204,6 @@ class TimestepBlock(nn.Module):
         return x * (1 + a) + b
 
 
-def r_embedding(r, dim, max_positions=10000):
-    """Sinusoidal embedding (B, dim) of a noise level r (B,) in [0, 1] (the published formula)."""
-    r = r * max_positions
-    half_dim = dim // 2
-    emb = math.log(max_positions) / (half_dim - 1)
-    emb = torch.arange(half_dim, device=r.device).float().mul(-emb).exp()
-    emb = r[:, None] * emb[None, :]
-    emb = torch.cat([emb.sin(), emb.cos()], dim=1)
-    if dim % 2 == 1:
-        emb = F.pad(emb, (0, 1), mode='constant')
-    return emb
-
-
-def add_noise(x, t, num_labels, mask=None, random_x=None, generator=None):
-    """Replace a fraction t of the tokens x (B, H, W) by random tokens.
-
-    mask (B, H, W) marks the positions to replace (drawn as ``rand <= t`` when not given) and random_x
-    supplies their new values (uniform over the codebook when not given). Returns (noised_x, mask).
-    Random draws are made in the published order: mask first, then the tokens.
-    """
-    if mask is None:
-        u = torch.rand(x.shape, device=x.device, generator=generator)
-        mask = (u <= t[:, None, None]).long()
-    if random_x is None:
-        random_x = torch.randint(0, num_labels, x.shape, device=x.device, generator=generator)
-    return x * (1 - mask) + random_x * mask, mask
-
-
-def loss_weight(t, mask, min_val=0.3):
-    """Per-token loss weight (B, H, W): 1 on replaced tokens, ``1 - (1 - t)(1 - min_val)`` on kept ones."""
-    return 1 - (1 - mask) * ((1 - t) * (1 - min_val))[:, None, None]
-
-
 def text_pool(states):
     """(B, L, D) text states, zero at padding -> (B, D) L2-normalised mean of the real tokens: for MiniLM
     exactly the sentence embedding it was trained to give (paraphrases land near each other)."""
@@ -373,7 +341,9 @@ class Paella(Pretrained, nn.Module):
 
     def check_inputs(self, x, r, byt5, clip=None, clip_image=None, batch=None):
         """Raise ValueError naming the problem, before it becomes a shape error deep inside. x and r may be
-        None (conditioning alone, `prepare`); byt5 may be None with ``batch`` (the cache's batch size)."""
+        None (conditioning alone, `prepare`); byt5 may be None with ``batch`` (the cache's batch size).
+        Shapes and dtypes only: reading token values back would stop a GPU at every step (`check_tokens`
+        does that once per sampling call)."""
         cfg = self.config
         if x is not None:
             if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -384,10 +354,6 @@ class Paella(Pretrained, nn.Module):
             if h % self.downsampling or w % self.downsampling:
                 raise ValueError(f"token grid {h}x{w} is not divisible by the U-Net's total downsampling "
                                  f"{self.downsampling} (patch_size {cfg.patch_size} x 2^{len(cfg.c_hidden) - 1})")
-            if x.numel() and not torch.compiler.is_compiling():
-                lo, hi = int(x.min()), int(x.max())
-                if lo < 0 or hi >= cfg.num_labels:
-                    raise ValueError(f"token ids must lie in [0, {cfg.num_labels - 1}], got values in [{lo}, {hi}]")
             if not isinstance(r, torch.Tensor) or r.shape != (b,):
                 raise ValueError(f"noise level r must have shape ({b},), got {tuple(getattr(r, 'shape', ()))}")
         else:
@@ -402,6 +368,11 @@ class Paella(Pretrained, nn.Module):
         for name, vec in (('clip', clip), ('clip_image', clip_image)):
             if vec is not None and (vec.dim() != 2 or vec.shape != (b, cfg.clip_embd)):
                 raise ValueError(f"{name} embedding must have shape ({b}, {cfg.clip_embd}), got {tuple(vec.shape)}")
+
+    def check_tokens(self, x):
+        """Token ids within the codebook. Reads two numbers back from the device, so callers do it once
+        (per `sample` call, per batch of data), not in every forward."""
+        check_token_range(x, self.config.num_labels)
 
     def _blocks(self, level, x, r_embed, c_embed, skip=None, key_weights=None, cached=None):
         for j, block in enumerate(level):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Pretrained
-from .model import r_embedding
+from .noise import r_embedding
 
 
 @dataclass

@@ -12,7 +12,7 @@ re-noising mask), so a seeded global RNG reproduces the published samples token 
 """
 import torch
 
-from .model import add_noise
+from .noise import add_noise, check_token_range
 from .vq import nearest_code
 
 MODES = ('multinomial', 'cdf', 'argmax', 'quant')
@@ -164,6 +164,8 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
         raise ValueError("mode='quant' needs the VQGAN codebook: codebook=vq.vquantizer.codebook.weight")
     if init_x is not None and tuple(init_x.shape) != latent_shape:
         raise ValueError(f"init_x has shape {tuple(init_x.shape)}, expected {latent_shape}")
+    if init_x is not None:
+        check_token_range(init_x, model.num_labels)              # once here, not in each step's forward
     if mask is not None:
         if init_x is None:
             raise ValueError("a mask needs init_x: the tokens that stay where the mask is False")

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_write
 from .data import ImageFolder, Preencoded, StepSampler, collate, is_shards, webdataset_images
-from .model import Paella, add_noise, loss_weight, text_pool
+from .model import Paella, text_pool
+from .noise import add_noise, loss_weight
 from .prior import CosineSchedule, PriorModel
 from .vq import VQModel
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Pretrained
+from .noise import check_token_range
 
 
 @dataclass
@@ -140,9 +141,7 @@ class VQModel(Pretrained, nn.Module):
         if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.dim() != 3:
             raise ValueError(f"token ids must be an integer tensor (B, H, W), got "
                              f"{getattr(idx, 'dtype', type(idx))} {tuple(getattr(idx, 'shape', ()))}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.codebook_size):
-            raise ValueError(f"token ids must lie in [0, {self.codebook_size - 1}], "
-                             f"got values in [{int(idx.min())}, {int(idx.max())}]")
+        check_token_range(idx, self.codebook_size)
 
     def encode(self, x):
         """Published interface: (quantized / scale, latent / scale, indices (B, h, w), vq loss)."""

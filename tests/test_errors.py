@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from paella import Paella, VQModel
+from paella import Paella, VQModel, sample
 
 
 def call(model, paella_fixture, **override):
@@ -13,9 +13,32 @@ def call(model, paella_fixture, **override):
         return model(**args)
 
 
+@pytest.mark.parametrize('init_x, message', [
+    (torch.full((2, 16, 16), 64), r'token ids must lie in \[0, 63\], got values in \[64, 64\]'),
+    (torch.full((2, 16, 16), -1), r'token ids must lie in \[0, 63\]')])
+def test_sample_rejects_token_ids_outside_the_codebook(tiny_paella, paella_fixture, init_x, message):
+    """Checked once per `sample` call: the forward itself never reads token values back (see below)."""
+    _, inp, _, _ = paella_fixture
+    with pytest.raises(ValueError, match=message):
+        sample(tiny_paella, {'byt5': inp['byt5']}, init_x=init_x, steps=2)
+
+
+def test_forward_reads_nothing_back_to_the_host(tiny_paella, paella_fixture, monkeypatch):
+    """On a GPU every read-back stops the host until the device catches up; the per-step forward (with the
+    conditioning cache or without) must not do one."""
+    _, inp, _, _ = paella_fixture
+    cache = tiny_paella.prepare(inp['byt5'], inp['clip'], inp['clip_image'])
+
+    def read_back(*args, **kwargs):
+        raise AssertionError('a tensor was read back to the host inside forward')
+    for name in ('item', 'tolist', '__int__', '__float__', '__bool__', '__index__'):
+        monkeypatch.setattr(torch.Tensor, name, read_back)
+    with torch.no_grad():
+        tiny_paella(inp['x'], inp['r'], inp['byt5'], inp['clip'], inp['clip_image'])
+        tiny_paella(inp['x'], inp['r'], **cache)
+
+
 @pytest.mark.parametrize('override, message', [
-    (dict(x=torch.full((2, 16, 16), 64)), r'token ids must lie in \[0, 63\], got values in \[64, 64\]'),
-    (dict(x=torch.full((2, 16, 16), -1)), r'token ids must lie in \[0, 63\]'),
     (dict(x=torch.zeros(2, 16, 16)), 'integer tensor'),
     (dict(x=torch.zeros(2, 256, dtype=torch.long)), r'shape \(B, H, W\)'),
     (dict(x=torch.zeros(2, 12, 16, dtype=torch.long)), 'not divisible by the U-Net\'s total downsampling 8'),
