@@ -108,6 +108,24 @@ def _positive(text):
     return value
 
 
+def _check_serve_hosts(parser, args):
+    """--host must be an address of this machine (before the model loads); --allowed-hosts are bare names."""
+    import socket
+    try:
+        socket.getaddrinfo(args.host.strip('[]'), args.port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        parser.error(f"--host {args.host!r}: not an address or a name this machine can resolve")
+    import ipaddress
+    for name in args.allowed_hosts:
+        try:
+            ipaddress.ip_address(name.strip('[]'))                   # 10.0.0.5, ::1, [::1]
+            continue
+        except ValueError:
+            pass
+        if name != '*' and (not name or any(c in name for c in ':/@ ')):
+            parser.error(f"--allowed-hosts {name!r}: give a bare host name or address, without a port or path")
+
+
 def _port(text):
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {text!r}")
@@ -168,6 +186,10 @@ def cmd_serve(args):
     _quiet_transformers()
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
     hosts = allowed_hosts(args.host, args.allowed_hosts)
+    if '*' in hosts:
+        print("paella serve: --allowed-hosts '*': any Host header is accepted, so a web page could reach "
+              "this server through DNS rebinding; use it only behind a proxy that checks the name",
+              file=sys.stderr)
     if not is_loopback(args.host):
         print(f"paella serve: listening on {args.host}: reachable from other machines, with no login; "
               f"put it behind a proxy with TLS and a password (README, 'paella serve'). Host names "
@@ -475,6 +497,7 @@ def main(argv=None):
             args.limits = Limits(**{k: getattr(args, k) for k in names})
         except ValueError as e:
             serve_parser.error(f"--{str(e).replace('_', '-', 1)}")
+        _check_serve_hosts(serve_parser, args)
     from .checkpoint import CheckpointError
     try:
         args.func(args)

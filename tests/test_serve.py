@@ -125,6 +125,25 @@ def test_web_app_in_chromium(server, tmp_path):
         toast.wait_for(state='visible', timeout=30_000)
         text = toast.inner_text()
         assert 'Upload an image first.' in text and not any(w in text for w in ('NoneType', '/tmp', 'Traceback'))
+        # inpainting: upload a picture, paint one stroke with the default brush, regenerate
+        apple = tmp_path / 'apple.png'
+        apple.write_bytes(post_json(server + '/v1/generate', {'prompt': 'red apple', 'seed': 0})[1])
+        page.get_by_role('tab', name='inpaint').click()
+        with page.expect_file_chooser() as chooser:
+            page.locator('#inpaint-editor').get_by_text('Upload an image').click()
+        chooser.value.set_files(str(apple))
+        page.wait_for_timeout(1000)
+        box = page.locator('#inpaint-editor canvas').first.bounding_box()
+        x, y = box['x'] + box['width'] * 0.6, box['y'] + box['height'] * 0.3
+        page.mouse.move(x, y)
+        page.mouse.down()
+        page.mouse.move(x + 40, y + 100, steps=20)
+        page.mouse.up()
+        page.locator('#inpaint-prompt textarea').fill('green apple')
+        page.locator('#inpaint').click()
+        result = page.locator('#inpaint-gallery img').first
+        result.wait_for(state='visible', timeout=120_000)
+        assert result.evaluate('img => img.naturalWidth') == 64
         browser.close()
     assert os.path.getsize(shot) > 10_000
     config = json.loads(call(server + '/config')[1])

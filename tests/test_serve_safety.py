@@ -93,12 +93,15 @@ def test_malformed_values_are_400_and_keep_the_connection(srv):
     cases = [b'{"prompt": "x", "steps": NaN}', b'{"prompt": "x", "seed": Infinity}', b'{"prompt": "x", "cfg": -Infinity}',
              b'{"prompt": "x", "seed": 1e400}', b'{"prompt": "x", "num_images": ' + b'9' * 5000 + b'}',
              b'{"prompt": "x", "steps": ' + b'9' * 40 + b'}', b'[' * 100_000 + b']' * 100_000,
-             b'{"prompt": "\\ud800 apple"}', b'{"prompt": "x", "negative_prompt": "\\udfff"}', b'\xff\xfe{}']
+             b'{"prompt": "\\ud800 apple"}', b'{"prompt": "x", "negative_prompt": "\\udfff"}', b'\xff\xfe{}',
+             b'{"prompt": "x", "\\ud800": 1}', b'{"prompt": "x", "steps": 1' + b'0' * 400 + b'}',
+             b'{"prompt": "x", "cfg": [1' + b'0' * 400 + b', 1]}', b'{"prompt": "x", "seed": -1' + b'0' * 400 + b'}']
     for body in cases:
         status, out = post_json(gen, body)
         assert status == 400 and json.loads(out)['error'], (body[:40], status, out[:200])
-    body, headers = multipart({'prompt': 'x', 'steps': 'NaN'}, {'image': ('a.png', png_bytes((64, 64)))})
-    assert call(srv.url + '/v1/edit', body, headers)[0] == 400
+    for steps in ('NaN', '1' + '0' * 400):
+        body, headers = multipart({'prompt': 'x', 'steps': steps}, {'image': ('a.png', png_bytes((64, 64)))})
+        assert call(srv.url + '/v1/edit', body, headers)[0] == 400
     body, headers = multipart({'prompt': 'x', 'size': '4096'}, {'image': ('a.png', png_bytes((64, 64)))})
     status, out = call(srv.url + '/v1/edit', body, headers)
     assert status == 400 and 'unknown field' in json.loads(out)['error']
@@ -184,7 +187,9 @@ def test_a_slow_client_cannot_hold_a_connection(srv):
     (['--concurrency', '0'], '--concurrency must be at least 1'), (['--queue', '-5'], '--queue must be at least 0'),
     (['--max-body', '0'], '--max-body must be at least'), (['--max-steps', '0'], '--max-steps must be at least 1'),
     (['--port', '-1'], 'a port is a number from 1 to 65535'), (['--port', '70000'], 'a port is a number'),
-    (['--wait', 'nan'], '--wait must be a number')])
+    (['--wait', 'nan'], '--wait must be a number'), (['--max-steps', '1' + '0' * 400], '--max-steps must be a number'),
+    (['--host', 'no-such-host.invalid'], 'not an address or a name'),
+    (['--allowed-hosts', 'example.org:443'], 'without a port')])
 def test_bad_flags_exit_2_with_a_message(flags, message):
     out = subprocess.run([sys.executable, '-m', 'paella.cli', 'serve', *flags], capture_output=True, text=True,
                          env={**os.environ, 'PYTHONPATH': str(REPO)}, timeout=60)
@@ -223,24 +228,147 @@ def test_the_web_app_sends_no_analytics(monkeypatch, tmp_path):
     assert contacted == []
 
 
-def test_a_closed_page_drops_its_running_work(tmp_path):
+@pytest.fixture(scope='module')
+def small(tmp_path_factory):
+    """A second server with a 1 MiB web cache (so that the budget is quick to reach)."""
+    server = Server(tmp_path_factory.mktemp('small'), '--max-cache', str(2 ** 20))
+    yield server
+    server.stop()
+
+
+def join(server, api_name, data, session):
+    """Queue a web-app call as the page does; (fn_index, event_id)."""
+    config = json.loads(call(server.url + '/config')[1])
+    fn = next(i for i, d in enumerate(config['dependencies']) if d.get('api_name') == api_name)
+    status, body = post_json(server.url + '/gradio_api/queue/join', {
+        'data': data, 'fn_index': fn, 'trigger_id': None, 'event_data': None, 'session_hash': session})
+    assert status == 200, body
+    return fn, json.loads(body)['event_id']
+
+
+def wait_until_free(server, limit=30):
+    t0 = time.perf_counter()
+    while server.health()['in_progress_or_queued'] and time.perf_counter() - t0 < limit:
+        time.sleep(0.05)
+    return time.perf_counter() - t0
+
+
+def test_a_closed_page_drops_its_running_work(small):
     """A web request (8 images, 50 steps: seconds of work) whose page closes mid-way stops at once."""
     import httpx
-    server = Server(tmp_path)
-    try:
-        config = json.loads(call(server.url + '/config')[1])
-        fn = next(i for i, d in enumerate(config['dependencies']) if d.get('api_name') == 'generate')
-        join = {'data': ['red apple', 8, '', 0, 50, 1.5, 1.5], 'fn_index': fn, 'trigger_id': None,
-                'event_data': None, 'session_hash': 'leaving1'}
-        assert post_json(server.url + '/gradio_api/queue/join', join)[0] == 200
-        with httpx.stream('GET', server.url + '/gradio_api/queue/data?session_hash=leaving1', timeout=30) as r:
+    join(small, 'generate', ['red apple', 8, '', 0, 50, 1.5, 1.5], 'leaving1')
+    with httpx.stream('GET', small.url + '/gradio_api/queue/data?session_hash=leaving1', timeout=30) as r:
+        for line in r.iter_lines():
+            if '"progress"' in line:                 # sampling has started
+                break
+    elapsed = wait_until_free(small)
+    print(f"the gate was free {elapsed:.2f} s after the page closed")
+    assert elapsed < 1.5
+
+
+def test_the_pages_stop_button_stops_the_work(small):
+    """Gradio's own cancel (/gradio_api/cancel) stops the sampling too, not only the wait for it."""
+    import threading
+    import httpx
+    fn, event = join(small, 'generate', ['red apple', 8, '', 0, 50, 1.5, 1.5], 'stopping1')
+    started = threading.Event()
+
+    def read():
+        with httpx.stream('GET', small.url + '/gradio_api/queue/data?session_hash=stopping1', timeout=60) as r:
             for line in r.iter_lines():
-                if '"progress"' in line:                 # sampling has started
-                    break
-        t0 = time.perf_counter()
-        while server.health()['in_progress_or_queued'] and time.perf_counter() - t0 < 30:
-            time.sleep(0.05)
-        print(f"the gate was free {time.perf_counter() - t0:.2f} s after the page closed")
-        assert time.perf_counter() - t0 < 1.5
-    finally:
-        server.stop()
+                if '"progress"' in line:
+                    started.set()
+    threading.Thread(target=read, daemon=True).start()
+    assert started.wait(30)
+    assert post_json(small.url + '/gradio_api/cancel', {'session_hash': 'stopping1', 'fn_index': fn,
+                                                        'event_id': event})[0] == 200
+    elapsed = wait_until_free(small)
+    print(f"the gate was free {elapsed:.2f} s after the stop")
+    assert elapsed < 1.5
+
+
+def component_server(url, fields, data):
+    body, headers = multipart({'session_hash': 's1', 'fn_name': 'accept_blobs', **fields}, {'file': ('blob', data)})
+    return call(url + '/gradio_api/component_server', body, headers)
+
+
+def test_the_image_editor_is_bounded(small):
+    """The editor's piecewise uploads: a huge layer index, a non-image or oversized piece, and a request
+    with many layers are refused before anything is decoded or stored."""
+    config = json.loads(call(small.url + '/config')[1])
+    editor = next(c['id'] for c in config['components'] if c.get('type') == 'imageeditor')
+    before = small.health()['rss_mb']
+    for fields, data in [({'type': 'layer', 'index': str(10 ** 8)}, png_bytes((64, 64))),
+                         ({'type': 'background', 'index': 'null'}, b'not an image' * 1000),
+                         ({'type': 'background', 'index': 'null'}, png_bytes((4000, 40)))]:
+        status, _ = component_server(small.url, {'component_id': str(editor), 'id': 'e1', **fields}, data)
+        assert status >= 400, fields
+    assert small.health()['rss_mb'] - before < 50
+    upload = post_upload(small.url, png_bytes((64, 64)))
+    piece = {'path': upload, 'meta': {'_type': 'gradio.FileData'}, 'orig_name': 'a.png'}
+    t0 = time.perf_counter()
+    events = gradio_call(small.url, 'inpaint', [{'background': piece, 'layers': [piece] * 50, 'composite': piece,
+                                                 'id': None}, 'x', '', 0, 4, 1.5, 1.5])
+    assert events[-1][0] == 'event: error' and time.perf_counter() - t0 < 2.0
+
+
+def post_upload(url, data, name='a.png', count=1):
+    """Paths of files uploaded to the web app, or the status code if refused."""
+    boundary = 'upload-boundary'
+    body = b''.join(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{i}{name}"\r\n'
+                    f'Content-Type: image/png\r\n\r\n'.encode() + data + b'\r\n' for i in range(count))
+    status, out = call(url + '/gradio_api/upload', body + f'--{boundary}--\r\n'.encode(),
+                       {'content-type': f'multipart/form-data; boundary={boundary}'})
+    return json.loads(out)[0] if status == 200 and count == 1 else status
+
+
+def test_links_are_not_fetched_and_unused_routes_are_closed(small):
+    """A file object naming a URL is refused (Gradio would download it), and so are the routes that fetch
+    URLs or re-encode video."""
+    link = {'path': 'https://example.org/x.png', 'meta': {'_type': 'gradio.FileData'}}
+    events = gradio_call(small.url, 'edit', [link, 'x', 0.5, '', 0, 4, 1.5, 1.5])
+    assert events[-1][0] == 'event: error'
+    for path in ('/gradio_api/file=https://example.org/x.png', '/gradio_api/proxy=https://x.hf.space/a',
+                 '/gradio_api/process_recording'):
+        assert call(small.url + path, b'' if 'process' in path else None)[0] == 404, path
+    assert 'ssrf' not in small.log.read_text().lower() and 'example.org' not in small.log.read_text().split('404')[0]
+
+
+def test_empty_uploads_cannot_fill_the_cache(small):
+    """Files are counted as at least 4 KiB: 300 empty uploads reach the 1 MiB budget, and further uploads
+    are refused (507) while the server stays responsive."""
+    assert post_upload(small.url, b'', count=300) == 200
+    time.sleep(1.1)                                   # the budget is measured at most once a second
+    assert post_upload(small.url, png_bytes((8, 8))) == 507
+    t0 = time.perf_counter()
+    assert small.health()['status'] == 'ok' and time.perf_counter() - t0 < 0.5
+
+
+def test_a_client_leaving_as_its_slot_frees_runs_nothing():
+    """The gate's race: a waiter cancelled in the same loop step in which it gets the slot must not run."""
+    import asyncio
+    from paella.serve.gate import Gate
+
+    async def scenario():
+        gate, ran = Gate(1, 4, 60), []
+
+        def job(name, seconds):
+            def run(cancel):
+                ran.append(name)
+                time.sleep(seconds)
+            return run
+        first = asyncio.ensure_future(gate.run(job('first', 0.2)))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(gate.run(job('second', 0.2)))
+        await asyncio.sleep(0.05)
+        release = gate.slots.release
+
+        def release_and_leave():
+            release()
+            asyncio.get_running_loop().call_soon(second.cancel)
+        gate.slots.release = release_and_leave
+        await first
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        return ran, gate.inside, gate.slots.locked()
+    assert asyncio.run(scenario()) == (['first'], 0, False)

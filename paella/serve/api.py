@@ -73,7 +73,7 @@ async def answer(request, work):
         log.info("%s %s: the client left; its work was dropped", request.method, request.url.path)
         return Response(status_code=499)                  # nobody reads it
     gone.cancel()
-    return Response(png(task.result()), media_type='image/png')
+    return Response(await asyncio.to_thread(png, task.result()), media_type='image/png')
 
 
 def api(service):

@@ -46,6 +46,10 @@ class Gate:
                 await asyncio.wait_for(self.slots.acquire(), self.wait)
             except asyncio.TimeoutError:
                 raise Busy(f"no free slot after waiting {self.wait:g} s; try again shortly") from None
+            if asyncio.current_task().cancelling():
+                # before Python 3.12, wait_for returns the slot and drops a cancel that came in the same step
+                self.slots.release()
+                raise asyncio.CancelledError
             try:
                 cancel = threading.Event()
                 # in the caller's context: Gradio's progress bar finds its event through context variables

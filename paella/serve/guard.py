@@ -6,15 +6,23 @@
   a page the user visits cannot drive the server (the app has no login, so this is its CSRF defence).
 - Body size: over ``max_body`` bytes is 413, by Content-Length before reading, or counted as a chunked body
   arrives (the app is then told the client left, and whatever it answers is dropped).
-- Disk: uploads to the web app are refused (507) while its cache holds more than ``max_cache`` bytes.
+- Disk: uploads to the web app are refused (507) while its cache holds more than ``max_cache`` bytes
+  (every file counted as at least one 4 KiB block) or ``MAX_FILES`` files.
+- Gradio routes this server does not use are 404: fetching a URL through the server (``file=http...``,
+  ``proxy=``) and re-encoding screen recordings.
 """
+import asyncio
 import json
 import logging
 import os
+import re
+import time
 from urllib.parse import urlsplit
 
 log = logging.getLogger('paella.serve')
 UPLOAD_PATH = '/gradio_api/upload'
+MAX_FILES = 4096
+UNUSED = re.compile(r'(^|/)(file=\s*https?:|proxy=|process_recording)', re.IGNORECASE)
 
 
 async def refuse(send, status, message, headers=()):
@@ -34,26 +42,48 @@ def same_origin(origin, host_header):
     return parts.scheme in ('http', 'https') and bool(parts.netloc) and parts.netloc.lower() == host_header.lower()
 
 
-def folder_bytes(path):
-    total = 0
+def folder_usage(path):
+    """(bytes, files) under ``path``, each file counted as at least one 4 KiB block."""
+    total = count = 0
     for root, _, files in os.walk(path):
         for name in files:
             try:
-                total += os.lstat(os.path.join(root, name)).st_size
+                total += max(4096, os.lstat(os.path.join(root, name)).st_size)
+                count += 1
             except OSError:
                 pass
-    return total
+    return total, count
+
+
+class Budget:
+    """Whether a folder is over its size or file budget, measured in a thread at most once a second (a
+    folder of many files takes a while to walk; the event loop must not wait for it)."""
+
+    def __init__(self, path, max_bytes, max_files=MAX_FILES):
+        self.path, self.max_bytes, self.max_files = path, max_bytes, max_files
+        self.checked, self.over, self.lock = 0.0, False, asyncio.Lock()
+
+    async def exceeded(self):
+        async with self.lock:
+            if time.monotonic() - self.checked >= 1.0:
+                size, files = await asyncio.to_thread(folder_usage, self.path)
+                self.over, self.checked = size > self.max_bytes or files > self.max_files, time.monotonic()
+            return self.over
 
 
 class Guard:
     def __init__(self, app, max_body, cache_dir=None, max_cache=None):
-        self.app, self.max_body, self.cache_dir, self.max_cache = app, max_body, cache_dir, max_cache
+        self.app, self.max_body = app, max_body
+        self.budget = Budget(cache_dir, max_cache) if cache_dir is not None else None
 
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http':
             return await self.app(scope, receive, send)
         headers = {k.lower(): v for k, v in scope.get('headers') or []}
-        where = f"{scope['method']} {scope['path']}"
+        where = f"{scope['method']} {scope['path'][:200]}"
+        if UNUSED.search(scope['path']):
+            log.warning("404 %s: a Gradio route this server does not offer", where)
+            return await refuse(send, 404, "not found")
         origin = headers.get(b'origin')
         if origin is not None and not same_origin(origin.decode('latin-1'), headers.get(b'host', b'').decode('latin-1')):
             log.warning("403 %s: refused a request sent by another site's page (Origin %s)", where,
@@ -63,8 +93,7 @@ class Guard:
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             log.warning("413 %s: body of %s bytes", where, length.decode('latin-1')[:30])
             return await refuse(send, 413, f"the request body is over the limit of {self.max_body} bytes")
-        if (scope['path'] == UPLOAD_PATH and self.cache_dir is not None
-                and folder_bytes(self.cache_dir) > self.max_cache):
+        if scope['path'] == UPLOAD_PATH and self.budget is not None and await self.budget.exceeded():
             log.warning("507 %s: the upload cache is full", where)
             return await refuse(send, 507, "the server holds too many uploads right now; try again in a few minutes")
         return await self._counted(scope, receive, send, where)

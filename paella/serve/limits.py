@@ -32,8 +32,8 @@ class Limits:
     def __post_init__(self):
         for f in fields(self):
             value, lo = getattr(self, f.name), self.LOWEST[f.name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{f.name} must be a number, got {value!r}")
+            if not is_number(value):
+                raise ValueError(f"{f.name} must be a number, got {_short(value)}")
             if value < lo:
                 raise ValueError(f"{f.name} must be at least {lo}, got {value}")
 
@@ -74,7 +74,7 @@ class Fields:
         if value is None:
             return default
         kind = 'a whole number' if integer else 'a number'
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_number(value):
             raise BadRequest(f"{name} must be {kind} between {lo} and {hi}, got {_short(value)}")
         if integer and int(value) != value:
             raise BadRequest(f"{name} must be {kind}, got {_short(value)}")
@@ -145,6 +145,13 @@ class Fields:
             im.close()
             raise BadRequest(f"the image is {im.size[0]}x{im.size[1]} pixels; the limit is {limit} pixels per side")
         return im
+
+
+def is_number(value):
+    """A finite int or float that fits in 64 bits (not a bool, not NaN, not a 400-digit integer)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) < 2 ** 63 if isinstance(value, int) else math.isfinite(value)
 
 
 def _short(value):

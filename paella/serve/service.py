@@ -58,4 +58,5 @@ class Service:
 def _only(p, known):
     unknown = set(p) - known
     if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))[:200]}; known: {', '.join(sorted(known))}")
+        names = ', '.join(ascii(k) for k in sorted(unknown))     # ascii: a key may hold a lone surrogate
+        raise BadRequest(f"unknown field(s): {names[:200]}; known: {', '.join(sorted(known))}")

@@ -24,8 +24,9 @@ CSS = """
 
 
 def _image_input(gr, label):
+    from .widgets import Image
     # 'filepath' with no image_mode: Gradio reads the header only and hands over its cached file
-    return gr.Image(label=label, type='filepath', image_mode=None, sources=['upload', 'clipboard'])
+    return Image(label=label, type='filepath', image_mode=None, sources=['upload', 'clipboard'])
 
 
 def text_to_image(gr, lim):
@@ -39,11 +40,13 @@ def text_to_image(gr, lim):
 
 
 def inpaint(gr, lim):
+    from .widgets import ImageEditor
     # a small white brush: the default (1/50 of the canvas, at least 25 px) covers most of a 64 px image
-    editor = gr.ImageEditor(label='image: paint the part to regenerate', type='filepath', image_mode='RGBA',
+    editor = ImageEditor(label='image: paint the part to regenerate', type='filepath', image_mode='RGBA',
+                         elem_id='inpaint-editor',
                             brush=gr.Brush(default_size=3, colors=['#ffffff'], color_mode='fixed'),
                             sources=['upload', 'clipboard'], layers=False, transforms=())
-    inputs = [editor, gr.Textbox(label='prompt', max_length=lim.max_prompt)]
+    inputs = [editor, gr.Textbox(label='prompt', max_length=lim.max_prompt, elem_id='inpaint-prompt')]
 
     async def call(svc, ask, value, prompt, **sampling):
         value = value or {}
@@ -137,7 +140,7 @@ def blocks(service, cache_dir):
         """An uploaded file Gradio cached for us -> `Upload`; refused if it lies outside our folder."""
         if not path:
             raise BadRequest(missing)
-        if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        if os.path.commonpath([root, os.path.realpath(path)]) != root or not os.path.isfile(path):
             raise BadRequest("that file was not uploaded to this server")
         return Upload(path, service.fields, mode)
 
@@ -173,11 +176,16 @@ def blocks(service, cache_dir):
             with gr.Tab(label), gr.Row():
                 with gr.Column():
                     inputs, call = build(gr, lim)
+                    for component in inputs:
+                        if hasattr(component, 'check_size'):
+                            component.check_size = service.fields.image_size
                     controls = settings(gr, lim, service.pipe)
                     button = gr.Button(button_label, variant='primary', elem_id=api_name)
                 out = gr.Gallery(label='result', columns=2, height=480, object_fit='contain', format='png',
                                  elem_id=f'{api_name}-gallery', elem_classes='result')
-                button.click(handler(call, len(inputs)), [*inputs, *controls], out, api_name=api_name)
+                # one Gradio queue for every tab (not one per button): one request preprocessed at a time
+                button.click(handler(call, len(inputs)), [*inputs, *controls], out, api_name=api_name,
+                             concurrency_id='generation')
     # Gradio's queue holds the web app's waiting requests (dropped when the page closes); the gate does
     # the rest, shared with the API
     demo.queue(max_size=max(1, lim.queue), default_concurrency_limit=lim.concurrency)
@@ -189,16 +197,26 @@ async def while_open(demo, session, work):
     from the gate's queue, or stopped at its next sampling step). Gradio's queue marks a session's events
     dead when its page's event stream closes (``Event.alive``, gradio 6.31); we look every quarter second."""
     task = asyncio.ensure_future(work)
-    while not task.done():
-        await asyncio.wait([task], timeout=0.25)
-        if not task.done() and not any(event.alive for job in demo._queue.active_jobs if job for event in job
-                                       if event.session_hash == session):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Cancelled):
-                await task
-            log.info("web app: the page closed; its work was dropped")
-            return None
-    return task.result()
+    try:
+        while not task.done():
+            await asyncio.wait([task], timeout=0.25)
+            if not task.done() and not any(event.alive for job in demo._queue.active_jobs if job
+                                           for event in job if event.session_hash == session):
+                log.info("web app: the page closed; its work was dropped")
+                break
+        else:
+            return task.result()
+    except asyncio.CancelledError:             # Gradio's own cancel (the page's stop): stop the work too
+        await _stop(task)
+        raise
+    await _stop(task)
+    return None
+
+
+async def _stop(task):
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Cancelled):
+        await task
 
 
 def _sentence(text):
