@@ -278,9 +278,10 @@ class VQTask(Task):
             loss, metrics = 0, {}
         else:
             x = batch['image'].to(self.device)
-            recon, vq_loss, idx, latent = model(x, details=True)     # through the DDP wrapper, if any
-            # vq_loss = codebook loss + 0.25 * commitment; commit_weight rescales the commitment part.
-            loss = vq_loss * (1 + self.cfg.commit_weight) / 1.25
+            recon, (codebook, commitment), idx, latent = model(x, details=True)   # through DDP, if any
+            # the codebook loss moves the codes toward the encoder's outputs; the commitment loss (weighted)
+            # moves the encoder's outputs toward their codes
+            loss = codebook + self.cfg.commit_weight * commitment
             counts = torch.bincount(idx.flatten().cpu(), minlength=self.usage.numel())
             self.usage += counts
             self.latents = (latent * self.model.scale_factor).detach().permute(0, 2, 3, 1).reshape(-1, latent.shape[1])

@@ -143,12 +143,18 @@ class VQModel(Pretrained, nn.Module):
                              f"{getattr(idx, 'dtype', type(idx))} {tuple(getattr(idx, 'shape', ()))}")
         check_token_range(idx, self.codebook_size)
 
-    def encode(self, x):
-        """Published interface: (quantized / scale, latent / scale, indices (B, h, w), vq loss)."""
+    def _encode(self, x):
+        """(quantized, latent, indices (B, h, w), (codebook loss, commitment loss)), unscaled."""
         self._check_images(x)
         x = self.down_blocks(self.in_block(x))                   # (B, c_latent, h, w)
-        qe, (vq_loss, commit_loss), indices = self.vquantizer(x, dim=1)
-        return qe / self.scale_factor, x / self.scale_factor, indices, vq_loss + commit_loss * 0.25
+        qe, losses, indices = self.vquantizer(x, dim=1)
+        return qe, x, indices, losses
+
+    def encode(self, x):
+        """Published interface: (quantized / scale, latent / scale, indices (B, h, w), vq loss), the vq loss
+        being the codebook loss + 0.25 x the commitment loss."""
+        qe, latent, indices, (codebook, commitment) = self._encode(x)
+        return qe / self.scale_factor, latent / self.scale_factor, indices, codebook + commitment * 0.25
 
     def encode_indices(self, x):
         """Token ids (B, H/f, W/f) of images in [0, 1]."""
@@ -164,9 +170,13 @@ class VQModel(Pretrained, nn.Module):
         return self.out_block(self.up_blocks(self.vquantizer.idx2vq(idx.long(), dim=1)))
 
     def forward(self, x=None, details=False, indices=None):
-        """(reconstruction, VQ loss) for training; with details also (indices, latent / scale). With
+        """(reconstruction, VQ loss) as published. With ``details``: (reconstruction, (codebook loss,
+        commitment loss), indices, latent / scale), so that a trainer weights the two parts itself. With
         ``indices`` (B, h, w) instead of images: their decoding alone (training the decoder on given tokens)."""
         if indices is not None:
             return self.decode_indices(indices)
-        qe, latent, indices, vq_loss = self.encode(x)
-        return (self.decode(qe), vq_loss, indices, latent) if details else (self.decode(qe), vq_loss)
+        qe, latent, indices, (codebook, commitment) = self._encode(x)
+        recon = self.decode(qe / self.scale_factor)
+        if details:
+            return recon, (codebook, commitment), indices, latent / self.scale_factor
+        return recon, codebook + commitment * 0.25

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -314,3 +315,31 @@ def test_vq_loss_l1_weight(tmp_path):
         losses[w] = task.loss(task.model, {'image': x}, Slice(0, 2, 2, torch.Generator()))[0]
     recon = task.model(x)[0]
     assert torch.allclose(losses[1.0] - losses[0.0], torch.nn.functional.l1_loss(recon, x), atol=1e-6)
+
+
+def test_commit_weight_weights_the_commitment_alone(tmp_path):
+    """The recipe's loss is codebook + commit_weight x commitment: the codebook gets the codebook loss's
+    gradient whatever the weight, and at weight 0 the encoder gets no commitment gradient at all."""
+    from paella.train import Slice, VQTask
+    folder = synth.image_folder(tmp_path / 'shapes')
+    x = torch.rand(2, 3, 32, 32)
+    grads, state = {}, None
+    for w in (0.0, 1.0):
+        task = VQTask(config('vqgan', tmp_path, data=str(folder), image_size=32, commit_weight=w), torch.device('cpu'))
+        state = state or task.model.state_dict()
+        task.model.load_state_dict(state)
+        task.loss(task.model, {'image': x}, Slice(0, 2, 2, torch.Generator()))[0].backward()
+        grads[w] = {k: p.grad.clone() for k, p in task.model.named_parameters() if p.grad is not None}
+    model = task.model
+    model.zero_grad()
+    recon, (codebook, commitment), _, _ = model(x, details=True)
+    codebook.backward(retain_graph=True)
+    expected_codebook = model.vquantizer.codebook.weight.grad.clone()
+    model.zero_grad()
+    (task.cfg.l1_weight * F.l1_loss(recon, x) + F.mse_loss(recon, x)).backward()    # reconstruction alone
+    encoder = [k for k in grads[0.0] if k.startswith(('in_block', 'down_blocks'))]
+    for w in (0.0, 1.0):
+        torch.testing.assert_close(grads[w]['vquantizer.codebook.weight'], expected_codebook, atol=1e-7, rtol=1e-5)
+    for k in encoder:
+        torch.testing.assert_close(grads[0.0][k], dict(model.named_parameters())[k].grad, atol=1e-7, rtol=1e-5)
+    assert any(not grads[1.0][k].allclose(grads[0.0][k]) for k in encoder)         # weight 1 does pull the encoder
