@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import flatten, resize_crop
+
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff'}
 MAX_PIXELS = 64_000_000          # larger images are skipped as potential decompression bombs
 
@@ -47,23 +49,7 @@ def open_image(source, min_size=1, max_pixels=MAX_PIXELS):
         raise BadSample(kind) from None
     if min(im.size) < min_size:
         raise BadSample(f'too small ({im.width}x{im.height})')
-    if im.mode in ('RGBA', 'LA', 'PA') or (im.mode == 'P' and 'transparency' in im.info):
-        im = im.convert('RGBA')
-        background = Image.new('RGBA', im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, im)      # transparent parts become white
-    return im.convert('RGB')        # CMYK, greyscale, palette, 16-bit -> RGB
-
-
-def resize_crop(im, size, rng=None):
-    """Resize the short side to ``size`` (bicubic), crop size x size (random with rng, else centred).
-    Returns a float tensor (3, size, size) in [0, 1]."""
-    scale = size / min(im.size)
-    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
-    im = im.resize((w, h), Image.BICUBIC)
-    left = int(rng.integers(0, w - size + 1)) if rng is not None else (w - size) // 2
-    top = int(rng.integers(0, h - size + 1)) if rng is not None else (h - size) // 2
-    a = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
-    return torch.from_numpy(a).permute(2, 0, 1).contiguous()
+    return flatten(im)              # transparency on white; CMYK, greyscale, palette, 16-bit -> RGB
 
 
 def decode_caption(data):

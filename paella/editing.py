@@ -14,40 +14,19 @@ editing and regional prompts. Each mode only prepares what `sampler.sample` alre
 may also be boolean arrays. Every mode takes ``seed`` or ``generator``, ``negative_prompt`` and sampling
 overrides (``steps=``, ``cfg=``, ...), and returns PIL images (``output='tokens'``: the token grids).
 """
-import io
 import math
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .images import load_image
 from .noise import add_noise
 from .sampler import sample
 
 POSITIONS = ('center', 'left', 'right', 'top', 'bottom', 'top-left', 'top-right', 'bottom-left', 'bottom-right')
-
-
-def load_image(image, what='image'):
-    """A PIL image (RGB) from a PIL image, a path, or PNG/JPEG bytes; ValueError if it is not one."""
-    from PIL import Image, UnidentifiedImageError
-    if isinstance(image, Image.Image):
-        return image.convert('RGB')
-    if isinstance(image, (bytes, bytearray)):
-        source = io.BytesIO(image)
-    elif isinstance(image, (str, Path)):
-        if not Path(image).is_file():
-            raise ValueError(f"{what} {image} does not exist")
-        source = image
-    else:
-        raise ValueError(f"{what} must be a PIL image, a path or PNG/JPEG bytes, got {type(image).__name__}")
-    try:
-        with Image.open(source) as im:
-            return im.convert('RGB')
-    except (UnidentifiedImageError, OSError):
-        raise ValueError(f"{what} is not a readable image (PNG, JPEG, WebP, ...)") from None
 
 
 def load_mask(mask, size):

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import psnr
+
 # Prompts that are not emoji names, each with the emoji it should produce.
 PARAPHRASES = [
     ('smiling cat', 'grinning cat'), ('fire truck', 'fire engine'), ('an apple', 'red apple'),
@@ -67,12 +69,6 @@ def frechet(a, b, dims=64):
     ca, cb = torch.cov(pa.T), torch.cov(pb.T)
     ev = torch.linalg.eigvals(ca @ cb).real.clamp(min=0)
     return float(((ma - mb) ** 2).sum() + ca.trace() + cb.trace() - 2 * ev.sqrt().sum())
-
-
-def psnr(a, b):
-    """PSNR in dB between two PIL images."""
-    x, y = (np.asarray(im.convert('RGB'), dtype=np.float64) / 255 for im in (a, b))
-    return float(10 * np.log10(1 / max(((x - y) ** 2).mean(), 1e-10)))
 
 
 def reconstruction_psnr(pipe, images, batch=64):

@@ -62,24 +62,11 @@ def tokens_to_images(vq, tokens):
 def save_images(images, out, grid=False, labels=None, cols=4):
     """Write images to out (one image), to out's stem + _i (several), or one grid image (with a label
     under each image when labels are given); returns the paths."""
-    from PIL import Image, ImageDraw
+    from .images import grid as sheet
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if grid and len(images) > 1:
-        cols = min(len(images), cols)
-        rows = -(-len(images) // cols)
-        w, h = images[0].size
-        label_h = 14 if labels else 0
-        cell_w = max(w, 100) if labels else w
-        sheet = Image.new('RGB', (cols * cell_w, rows * (h + label_h)), 'white')
-        draw = ImageDraw.Draw(sheet)
-        for i, im in enumerate(images):
-            x, y = (i % cols) * cell_w, (i // cols) * (h + label_h)
-            sheet.paste(im, (x + (cell_w - w) // 2, y))
-            if labels:
-                text = labels[i] if len(labels[i]) <= 16 else labels[i][:15] + '.'
-                draw.text((x + cell_w // 2, y + h + 1), text, fill='black', anchor='ma')
-        images = [sheet]
+        images = [sheet(images, cols, labels)]
     paths = [out] if len(images) == 1 else [out.with_name(f'{out.stem}_{i}{out.suffix}') for i in range(len(images))]
     for im, p in zip(images, paths):
         im.save(p)

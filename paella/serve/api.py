@@ -5,7 +5,6 @@ Every mistake a client can make is a 4xx with ``{"error": "<a sentence>"}`` and 
 carries ``Retry-After``. A client that disconnects takes its queued or running work with it."""
 import asyncio
 import contextlib
-import io
 import json
 import logging
 
@@ -19,16 +18,8 @@ NUMERIC = ('seed', 'steps', 'cfg', 'strength')         # multipart fields that c
 
 def png(images):
     """PNG bytes of one image, or of a horizontal row of several."""
-    from PIL import Image
-    if len(images) > 1:
-        w, h = images[0].size
-        sheet = Image.new('RGB', (w * len(images), h), 'white')
-        for i, im in enumerate(images):
-            sheet.paste(im, (i * w, 0))
-        images = [sheet]
-    buf = io.BytesIO()
-    images[0].save(buf, 'PNG')
-    return buf.getvalue()
+    from ..images import grid, png_bytes
+    return png_bytes(grid(images, cols=len(images)) if len(images) > 1 else images[0])
 
 
 def parse_json(raw, what='the body'):

@@ -123,7 +123,8 @@ class Fields:
         """An upload decoded (as ``mode``), once its header has passed `image_size`'s checks."""
         with self._open(data) as im:
             try:
-                return im.convert(mode)
+                from ..images import flatten
+                return flatten(im) if mode == 'RGB' else im.convert(mode)   # transparency on white
             except (OSError, SyntaxError, ValueError):      # a header that lies about the data
                 raise BadRequest(self._unreadable) from None
 
