@@ -77,7 +77,7 @@ def cmd_generate(args):
     timings = {}
     images = pipe(prompts, negative_prompt=args.negative_prompt, seed=args.seed, timings=timings, **overrides)
     t3 = time.perf_counter()
-    from .pipeline import save_images
+    from .images import save_images
     for p in save_images(images, args.output, args.grid, prompts if args.labels else None):
         print(p)
     if args.timings:
@@ -154,7 +154,8 @@ def _box_or_mask(text):
 
 def cmd_edit_mode(args):
     """variations / inpaint / outpaint / interpolate / edit / regional: one function per Pipeline method."""
-    from .pipeline import Pipeline, save_images
+    from .images import save_images
+    from .pipeline import Pipeline
     _quiet_transformers()
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
     common = dict(negative_prompt=args.negative_prompt, seed=args.seed, **_overrides(args))

@@ -206,5 +206,6 @@ class EmbeddingCache:
     def clip_images(self, encoder, images, keys):
         """(B, D) CLIP image embeddings through the cache; ``keys`` are the images' bytes (e.g. file contents)."""
         by_key = dict(zip(keys, images))
-        compute = lambda ks: list(encoder.encode_images([by_key[k] for k in ks]))
+        def compute(ks):
+            return list(encoder.encode_images([by_key[k] for k in ks]))
         return torch.stack(self._get(encoder.id, 'clip_image', keys, compute))

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 from .images import load_image
 from .noise import add_noise
-from .sampler import sample
 
 POSITIONS = ('center', 'left', 'right', 'top', 'bottom', 'top-left', 'top-right', 'bottom-left', 'bottom-right')
 
@@ -161,7 +160,7 @@ class EditingMixin:
             return tokens
         if output != 'pil':
             raise ValueError(f"output must be 'pil' or 'tokens', got {output!r}")
-        from .pipeline import tokens_to_images
+        from .images import tokens_to_images
         images = tokens_to_images(self.vqgan, tokens)
         if paste is not None:
             from PIL import Image

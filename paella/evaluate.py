@@ -73,7 +73,7 @@ def frechet(a, b, dims=64):
 
 def reconstruction_psnr(pipe, images, batch=64):
     """PSNR of each image against its reconstruction by the pipeline's VQGAN (encode, then decode)."""
-    from .pipeline import tokens_to_images
+    from .images import tokens_to_images
     out = []
     for lo in range(0, len(images), batch):
         chunk = images[lo:lo + batch]

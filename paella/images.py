@@ -50,7 +50,7 @@ def resize_crop(im, size, rng=None):
     return torch.from_numpy(a).permute(2, 0, 1).contiguous()
 
 
-def grid(images, cols=4, labels=None):
+def grid_of(images, cols=4, labels=None):
     """One white sheet with the images (all of one size) in rows of ``cols``, a label under each if given."""
     from PIL import ImageDraw
     cols = min(len(images), cols)
@@ -79,3 +79,24 @@ def psnr(a, b):
     """PSNR in dB between two PIL images."""
     x, y = (np.asarray(im.convert('RGB'), dtype=np.float64) / 255 for im in (a, b))
     return float(10 * np.log10(1 / max(((x - y) ** 2).mean(), 1e-10)))
+
+
+def tokens_to_images(vq, tokens):
+    """Token grids (B, h, w) -> list of PIL images."""
+    with torch.no_grad():
+        pixels = vq.decode_indices(tokens).float().clamp(0, 1)            # (B, 3, 4h, 4w)
+    arrays = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arrays]
+
+
+def save_images(images, out, grid=False, labels=None, cols=4):
+    """Write images to out (one image), to out's stem + _i (several), or one grid image (with a label
+    under each image when labels are given); returns the paths."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if grid and len(images) > 1:
+        images = [grid_of(images, cols, labels)]
+    paths = [out] if len(images) == 1 else [out.with_name(f'{out.stem}_{i}{out.suffix}') for i in range(len(images))]
+    for im, p in zip(images, paths):
+        im.save(p)
+    return paths

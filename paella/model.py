@@ -142,7 +142,8 @@ class Attention(nn.Module):
             w = key_weights if key_weights.dim() == 2 else key_weights[None].expand(b, -1)   # (B, Lc)
             w = torch.cat([w.new_ones(b, k.shape[1] - w.shape[1]), w], dim=1)
             v = (v.float() * w[:, :, None].float()).to(v.dtype) if v.dtype != w.dtype else v * w[:, :, None]
-        heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)   # (B, nh, L, C/nh)
+        def heads(t):
+            return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)   # (B, nh, L, C/nh)
         q, k, v = heads(q), heads(k), heads(v)
         p = self.dropout if self.training else 0.0
         if self.fused:

@@ -7,10 +7,9 @@ official files with the published demo's settings.
 """
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, atomic_write
@@ -48,29 +47,6 @@ def v3_attn_weights(text_length, text_weight=1.2, image_weight=0.4):
     w = torch.full((text_length,), float(text_weight))
     w[-4:] = image_weight
     return w
-
-
-def tokens_to_images(vq, tokens):
-    """Token grids (B, h, w) -> list of PIL images."""
-    from PIL import Image
-    with torch.no_grad():
-        pixels = vq.decode_indices(tokens).float().clamp(0, 1)            # (B, 3, 4h, 4w)
-    arrays = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arrays]
-
-
-def save_images(images, out, grid=False, labels=None, cols=4):
-    """Write images to out (one image), to out's stem + _i (several), or one grid image (with a label
-    under each image when labels are given); returns the paths."""
-    from .images import grid as sheet
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if grid and len(images) > 1:
-        images = [sheet(images, cols, labels)]
-    paths = [out] if len(images) == 1 else [out.with_name(f'{out.stem}_{i}{out.suffix}') for i in range(len(images))]
-    for im, p in zip(images, paths):
-        im.save(p)
-    return paths
 
 
 def _load_text_encoder(spec, device):
@@ -167,7 +143,8 @@ class Pipeline(EditingMixin):
         meta = json.loads((folder / PIPELINE_NAME).read_text())
         settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta['settings'].items()})
         # Weights may be stored in half precision to keep the package small; compute in `dtype`.
-        load = lambda cls_, sub, dt=dtype: cls_.from_pretrained(folder / sub, device=device, dtype=dt)
+        def load(cls_, sub, dt=dtype):
+            return cls_.from_pretrained(folder / sub, device=device, dtype=dt)
         prior = load(PriorModel, 'prior') if (folder / 'prior').is_dir() else None
         return cls(load(Paella, 'generator'), load(VQModel, 'vqgan', torch.float32),
                    _load_text_encoder(meta['text_encoder'], device),

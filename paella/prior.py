@@ -85,7 +85,8 @@ class CosineSchedule:
 
     def step(self, x, t, t_prev, noise, sampler='ddpm', generator=None):
         """One step from level t to t_prev given the predicted noise."""
-        view = lambda v: v.view(-1, *[1] * (x.dim() - 1))
+        def view(v):
+            return v.view(-1, *[1] * (x.dim() - 1))
         a, a_prev = view(self.alpha_cumprod(t)), view(self.alpha_cumprod(t_prev))
         if sampler == 'ddim':
             x0 = (x - (1 - a).sqrt() * noise) / a.sqrt()

@@ -203,7 +203,8 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
 
     b = latent_shape[0]
     init_noise = torch.randint(0, model.num_labels, latent_shape, device=device, generator=generator)
-    keep = lambda x: x if mask is None else torch.where(mask, x, init_x)
+    def keep(x):
+        return x if mask is None else torch.where(mask, x, init_x)
     if init_x is None:
         x = init_noise.clone()
     else:

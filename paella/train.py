@@ -220,7 +220,8 @@ class GeneratorTask(Task):
             noised, mask = add_noise(tokens, t, self.model.num_labels, mask=mask,
                                      random_x=s.randint(self.model.num_labels, h, w))
             weight = loss_weight(t, mask, cfg.min_loss_weight).to(dev)
-        to = lambda x: None if x is None else x.to(dev)
+        def to(x):
+            return None if x is None else x.to(dev)
         logits = model(to(noised), to(t), to(text), to(clip), to(clip_image))       # (b, K, h, w)
         ce = F.cross_entropy(logits.float(), to(tokens), label_smoothing=cfg.label_smoothing, reduction='none')
         loss = ((ce * weight).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))).mean()
@@ -230,7 +231,7 @@ class GeneratorTask(Task):
     @torch.no_grad()
     def samples(self, model, step, out):
         """A grid of samples for the first 8 captions of the data (needs the VQGAN)."""
-        from .pipeline import save_images, tokens_to_images
+        from .images import save_images, tokens_to_images
         from .sampler import sample
         if self.vqgan is None or not isinstance(self.dataset, Preencoded):
             return

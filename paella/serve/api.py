@@ -16,10 +16,21 @@ log = logging.getLogger('paella.serve')
 NUMERIC = ('seed', 'steps', 'cfg', 'strength')         # multipart fields that carry JSON numbers
 
 
+def rss_mb():
+    """Resident memory of this process in MiB (Linux), or None."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmRSS:'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+
+
 def png(images):
     """PNG bytes of one image, or of a horizontal row of several."""
-    from ..images import grid, png_bytes
-    return png_bytes(grid(images, cols=len(images)) if len(images) > 1 else images[0])
+    from ..images import grid_of, png_bytes
+    return png_bytes(grid_of(images, cols=len(images)) if len(images) > 1 else images[0])
 
 
 def parse_json(raw, what='the body'):
@@ -110,7 +121,6 @@ def api(service):
 
     @app.get('/health')
     async def health():
-        from .server import rss_mb
         return {'status': 'ok', 'in_progress_or_queued': service.gate.inside, 'rss_mb': rss_mb()}
 
     return app

@@ -18,17 +18,6 @@ log = logging.getLogger('paella.serve')
 LOOPBACK = ['127.0.0.1', 'localhost', '[::1]']
 
 
-def rss_mb():
-    """Resident memory of this process in MiB (Linux), or None."""
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith('VmRSS:'):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-
-
 def is_loopback(host):
     if host == 'localhost':
         return True
