@@ -372,3 +372,29 @@ def test_a_client_leaving_as_its_slot_frees_runs_nothing():
             await second
         return ran, gate.inside, gate.slots.locked()
     assert asyncio.run(scenario()) == (['first'], 0, False)
+
+
+def test_the_banner_and_the_network_notice(monkeypatch, capsys):
+    """The notice about other machines only for addresses that are not loopback; an IPv6 URL in brackets;
+    no web app announced with --api-only."""
+    from paella import cli
+    from paella.serve import is_loopback, url_host
+    assert all(is_loopback(h) for h in ('127.0.0.1', '127.0.0.2', 'localhost', '::1', '[::1]'))
+    assert not any(is_loopback(h) for h in ('0.0.0.0', '::', '192.168.1.5', 'example.org'))
+    assert url_host('::1') == '[::1]' and url_host('127.0.0.1') == '127.0.0.1'
+    monkeypatch.setattr('paella.pipeline.Pipeline.from_pretrained', lambda *a, **k: None)
+    served = []
+    monkeypatch.setattr('paella.serve.serve', lambda *a, **k: served.append((a, k)))
+    for argv, web, notice in [(['--host', '::1', '--api-only'], False, False), (['--host', 'localhost'], True, False),
+                              (['--host', '0.0.0.0'], True, True)]:
+        assert cli.main(['serve', '--port', '7999', *argv]) == 0
+        out, err = capsys.readouterr()
+        assert ('(web app)' in out) == web and ('reachable from other machines' in err) == notice, (argv, out, err)
+    assert 'http://[::1]:7999/v1/generate' in cli_banner(['--host', '::1'], monkeypatch, capsys)
+    assert served[0][1]['with_web'] is False and served[0][1]['hosts'][-1] == '[::1]'
+
+
+def cli_banner(argv, monkeypatch, capsys):
+    from paella import cli
+    cli.main(['serve', '--port', '7999', *argv])
+    return capsys.readouterr().out
