@@ -303,32 +303,34 @@ def test_init_grows_a_decoder_that_starts_as_the_old_one(tmp_path, capsys):
         init_from(VQModel(VQModel.make_config('tiny', bottleneck_blocks=1)), tmp_path / 'vq0')
 
 
-def test_vq_loss_l1_weight(tmp_path):
+def vq_losses(tmp_path, x, **weights):
+    """{value: (task, loss on x)} for VQGAN recipes that differ only in one loss weight, from the same
+    initial model: ``weights`` is {name: values}."""
     from paella.train import Slice, VQTask
-    folder = synth.image_folder(tmp_path / 'shapes')
-    x = torch.rand(2, 3, 32, 32)
-    losses, state = {}, None
-    for w in (0.0, 1.0):
-        task = VQTask(config('vqgan', tmp_path, data=str(folder), image_size=32, l1_weight=w), torch.device('cpu'))
+    (name, values), = weights.items()
+    folder, out, state = synth.image_folder(tmp_path / 'shapes'), {}, None
+    for w in values:
+        task = VQTask(config('vqgan', tmp_path, data=str(folder), image_size=32, **{name: w}), torch.device('cpu'))
         state = state or task.model.state_dict()
         task.model.load_state_dict(state)
-        losses[w] = task.loss(task.model, {'image': x}, Slice(0, 2, 2, torch.Generator()))[0]
-    recon = task.model(x)[0]
-    assert torch.allclose(losses[1.0] - losses[0.0], torch.nn.functional.l1_loss(recon, x), atol=1e-6)
+        out[w] = task, task.loss(task.model, {'image': x}, Slice(0, 2, 2, torch.Generator()))[0]
+    return out
+
+
+def test_vq_loss_l1_weight(tmp_path):
+    x = torch.rand(2, 3, 32, 32)
+    losses = vq_losses(tmp_path, x, l1_weight=(0.0, 1.0))
+    recon = losses[1.0][0].model(x)[0]
+    assert torch.allclose(losses[1.0][1] - losses[0.0][1], torch.nn.functional.l1_loss(recon, x), atol=1e-6)
 
 
 def test_commit_weight_weights_the_commitment_alone(tmp_path):
     """The recipe's loss is codebook + commit_weight x commitment: the codebook gets the codebook loss's
     gradient whatever the weight, and at weight 0 the encoder gets no commitment gradient at all."""
-    from paella.train import Slice, VQTask
-    folder = synth.image_folder(tmp_path / 'shapes')
     x = torch.rand(2, 3, 32, 32)
-    grads, state = {}, None
-    for w in (0.0, 1.0):
-        task = VQTask(config('vqgan', tmp_path, data=str(folder), image_size=32, commit_weight=w), torch.device('cpu'))
-        state = state or task.model.state_dict()
-        task.model.load_state_dict(state)
-        task.loss(task.model, {'image': x}, Slice(0, 2, 2, torch.Generator()))[0].backward()
+    grads = {}
+    for w, (task, loss) in vq_losses(tmp_path, x, commit_weight=(0.0, 1.0)).items():
+        loss.backward()
         grads[w] = {k: p.grad.clone() for k, p in task.model.named_parameters() if p.grad is not None}
     model = task.model
     model.zero_grad()
