@@ -9,20 +9,19 @@ every other position fixed to ``init_x``: that is inpainting and outpainting. St
 With ``mode="multinomial"`` and ``generator=None`` the random calls are the published code's, in its
 order (``torch.randint`` for the initial tokens, ``torch.multinomial`` per step, ``torch.rand`` for each
 re-noising mask), so a seeded global RNG reproduces the published samples token for token.
+
+`sample` is the loop alone. Guidance (cfg schedule, the conditional-steps cutoff, the batched forward, the
+conditioning cache, attention weights) is a model wrapper, `guidance.Guided`; the draw step with its
+filters is `drawer`; every argument is checked first, in `check_arguments`.
 """
 import torch
 
+from .guidance import Guided, is_guided, schedule
 from .noise import add_noise, check_token_range
 from .vq import nearest_code
 
 MODES = ('multinomial', 'cdf', 'argmax', 'quant')
 RENOISE_MODES = ('start', 'prev', 'rand')
-
-
-def _schedule(value, steps, name):
-    """A number or a (start, end) pair -> a linear schedule tensor (steps,), as the published code makes it."""
-    start, end = (value, value) if isinstance(value, (int, float)) else tuple(value)
-    return torch.linspace(start, end, steps)
 
 
 def top_k_filter(logits, k):
@@ -66,56 +65,6 @@ def draw_tokens(logits, temperature, mode='multinomial', generator=None, codeboo
     return nearest_code(expected.float(), codebook.float()).view(b, h, w)
 
 
-def _guide(cond, uncond, cfg, exact=True):
-    """Classifier-free guidance: the published ``cond * cfg + uncond * (1 - cfg)`` in float32 (exact), or
-    the same as one lerp in the model's dtype (one pass over the largest tensor instead of six; lerp
-    computes in float32 and rounds once)."""
-    if exact:
-        return cond.float() * cfg + uncond.float() * (1 - cfg)
-    return torch.lerp(uncond, cond, cfg)
-
-
-def _device(*groups):
-    """The device of the first tensor found in the (nested dicts, lists and tuples of) inputs."""
-    for g in groups:
-        if isinstance(g, torch.Tensor):
-            return g.device
-        values = g.values() if isinstance(g, dict) else g if isinstance(g, (list, tuple)) else []
-        for v in values:
-            found = _device(v)
-            if found is not None:
-                return found
-    return None
-
-
-class _Unjoinable(Exception):
-    pass
-
-
-def _join(a, b):
-    """The conditional and unconditional inputs stacked along the batch; _Unjoinable where they cannot be
-    (different keys, sequence lengths or None-ness)."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        if a.shape != b.shape or a.dtype != b.dtype:
-            raise _Unjoinable
-        return torch.cat([a, b])
-    if a is None and b is None:
-        return None
-    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
-        return {k: _join(a[k], b[k]) for k in a}
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
-        return type(a)(_join(x, y) for x, y in zip(a, b))
-    raise _Unjoinable
-
-
-def joined(a, b):
-    """`_join`, or None when the inputs cannot share one forward."""
-    try:
-        return _join(a, b)
-    except _Unjoinable:
-        return None
-
-
 @torch.no_grad()
 def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *, steps=12, renoise_steps=None,
            temperature=(1.0, 0.2), cfg=8.0, t_start=1.0, t_end=0.0, sampling_conditional_steps=None,
@@ -147,6 +96,35 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
         once (``model.prepare``) instead of at every step. Both give the published results (fp32 tokens
         identical in the tests) faster.
     """
+    latent_shape, mask = check_arguments(model, latent_shape, steps, mode, renoise_mode, codebook, init_x, mask,
+                                         typical_mass, top_k, temperature, cfg)
+    b, device = latent_shape[0], _device(model_inputs, init_x) or torch.device('cpu')
+    guided = Guided(model, model_inputs, unconditional_inputs, cfg=cfg, steps=steps, b=b, attn_weights=attn_weights,
+                    conditional_steps=sampling_conditional_steps, batch=batch_cfg, cache=cache, exact=mode != 'cdf')
+    draw = drawer(steps, temperature, mode, generator, codebook, top_k, typical_mass, typical_min_tokens)
+    renoise_steps = steps - 1 if renoise_steps is None else renoise_steps
+
+    init_noise = torch.randint(0, model.num_labels, latent_shape, device=device, generator=generator)
+
+    def keep(x):                                       # positions outside the mask stay init_x's
+        return x if mask is None else torch.where(mask, x, init_x)
+    x = init_noise.clone() if init_x is None else keep(init_noise) if mask is not None else init_x.clone()
+    t_list = torch.linspace(t_start, t_end, steps + 1)
+    for i in range(steps):
+        t = torch.ones(b, device=device) * t_list[i]
+        prev, x = x, keep(draw(guided(x, t, i), i))
+        if callback is not None:
+            callback(i, x)
+        if i < renoise_steps:
+            t_next = torch.ones(b, device=device) * t_list[i + 1]
+            random_x = {'start': init_noise, 'prev': prev, 'rand': None}[renoise_mode]
+            x = keep(add_noise(x, t_next, model.num_labels, random_x=random_x, generator=generator)[0])
+    return x
+
+
+def check_arguments(model, latent_shape, steps, mode, renoise_mode, codebook, init_x, mask, typical_mass, top_k,
+                    temperature, cfg):
+    """ValueError for any argument `sample` cannot take, before any work; (latent_shape, mask as bool)."""
     if latent_shape is None:
         if init_x is None:
             raise ValueError("give latent_shape (B, H, W) or init_x")
@@ -176,59 +154,34 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
         raise ValueError(f"typical_mass must be in (0, 1], got {typical_mass}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    temperatures = _schedule(temperature, steps, 'temperature')
-    if mode != 'argmax' and (temperatures <= 0).any():
+    if mode != 'argmax' and (schedule(temperature, steps) <= 0).any():
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    guided = cfg is not None and not (isinstance(cfg, (int, float)) and cfg == 0)
-    cfgs = _schedule(cfg, steps, 'cfg') if guided else None
-    if renoise_steps is None:
-        renoise_steps = steps - 1
-    if sampling_conditional_steps is None:
-        sampling_conditional_steps = steps
-    if guided and unconditional_inputs is None:
-        unconditional_inputs = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
-                                for k, v in model_inputs.items()}
-    extra = {} if attn_weights is None else {'attn_weights': attn_weights}
-    device = _device(model_inputs, init_x) or torch.device('cpu')
-    if cache and hasattr(model, 'prepare'):
-        model_inputs = model.prepare(**model_inputs)
-        if guided:
-            unconditional_inputs = model.prepare(**unconditional_inputs)
-    joint = joined(model_inputs, unconditional_inputs) if guided and batch_cfg else None
-    if joint is not None and attn_weights is not None:
-        w = attn_weights if attn_weights.dim() == 2 else attn_weights[None].expand(latent_shape[0], -1)
-        joint_extra = {'attn_weights': torch.cat([w, torch.ones_like(w)])}       # (2B, Lc): cond rows only
-    else:
-        joint_extra = {}
+    if is_guided(cfg):
+        schedule(cfg, steps)                                     # a malformed schedule fails here, not mid-run
+    return latent_shape, mask
 
-    b = latent_shape[0]
-    init_noise = torch.randint(0, model.num_labels, latent_shape, device=device, generator=generator)
-    def keep(x):
-        return x if mask is None else torch.where(mask, x, init_x)
-    if init_x is None:
-        x = init_noise.clone()
-    else:
-        x = keep(init_noise) if mask is not None else init_x.clone()
-    t_list = torch.linspace(t_start, t_end, steps + 1)
-    for i in range(steps):
-        t = torch.ones(b, device=device) * t_list[i]
-        if guided and i < sampling_conditional_steps:
-            if joint is not None:
-                logits, uncond = model(torch.cat([x, x]), torch.cat([t, t]), **joint, **joint_extra).chunk(2)
-            else:
-                logits, uncond = model(x, t, **model_inputs, **extra), model(x, t, **unconditional_inputs)
-            logits = _guide(logits, uncond, cfgs[i].item(), exact=mode != 'cdf')
-        else:
-            logits = model(x, t, **model_inputs, **extra).float()
+
+def drawer(steps, temperature, mode, generator, codebook, top_k, typical_mass, typical_min_tokens):
+    """The draw step: ``draw(logits, i)`` -> tokens, with the optional filters and step i's temperature."""
+    temperatures = schedule(temperature, steps)
+
+    def draw(logits, i):
         if top_k is not None:
             logits = top_k_filter(logits, top_k)
         if typical_mass is not None:
             logits = typical_filter(logits, typical_mass, typical_min_tokens)
-        prev, x = x, keep(draw_tokens(logits, temperatures[i], mode, generator, codebook))
-        if callback is not None:
-            callback(i, x)
-        if i < renoise_steps:
-            t_next = torch.ones(b, device=device) * t_list[i + 1]
-            random_x = {'start': init_noise, 'prev': prev, 'rand': None}[renoise_mode]
-            x = keep(add_noise(x, t_next, model.num_labels, random_x=random_x, generator=generator)[0])
-    return x
+        return draw_tokens(logits, temperatures[i], mode, generator, codebook)
+    return draw
+
+
+def _device(*groups):
+    """The device of the first tensor found in the (nested dicts, lists and tuples of) inputs."""
+    for g in groups:
+        if isinstance(g, torch.Tensor):
+            return g.device
+        values = g.values() if isinstance(g, dict) else g if isinstance(g, (list, tuple)) else []
+        for v in values:
+            found = _device(v)
+            if found is not None:
+                return found
+    return None
