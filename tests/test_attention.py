@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from paella.model import Attention
+from paella.blocks import Attention
 
 
 def published_attention(attn, q_in, kv_in, attn_weights):
