@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import load_image
+from .images import load_image, open_image_as_is
 from .noise import add_noise
 
 POSITIONS = ('center', 'left', 'right', 'top', 'bottom', 'top-left', 'top-right', 'bottom-left', 'bottom-right')
@@ -30,7 +30,6 @@ POSITIONS = ('center', 'left', 'right', 'top', 'bottom', 'top-left', 'top-right'
 
 def load_mask(mask, size):
     """A boolean pixel mask (H, W), True = regenerate (white / nonzero), of exactly ``size`` (W, H)."""
-    from PIL import Image
     if isinstance(mask, torch.Tensor):
         mask = mask.cpu().numpy()
     if isinstance(mask, np.ndarray):
@@ -38,8 +37,7 @@ def load_mask(mask, size):
         if array.ndim != 2:
             raise ValueError(f"a mask array must be 2-D (H, W), got shape {array.shape}")
     else:
-        im = mask if isinstance(mask, Image.Image) else load_image(mask, 'mask')
-        array = np.asarray(im.convert('L')) > 127
+        array = np.asarray(open_image_as_is(mask, 'mask').convert('L')) > 127
     if array.shape != (size[1], size[0]):
         raise ValueError(f"the mask is {array.shape[1]}x{array.shape[0]}, the image {size[0]}x{size[1]}: "
                          f"they must be the same size")

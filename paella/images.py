@@ -20,9 +20,15 @@ def flatten(im):
 
 def load_image(image, what='image'):
     """An RGB image from a PIL image, a path, or PNG/JPEG/... bytes; ValueError if it is not one."""
+    return flatten(open_image_as_is(image, what))
+
+
+def open_image_as_is(image, what='image'):
+    """A PIL image (loaded, in its own mode) from a PIL image, a path or bytes; ValueError if it is not one.
+    Masks are read this way: a transparent pixel of a mask is unpainted, not white."""
     from PIL import UnidentifiedImageError
     if isinstance(image, Image.Image):
-        return flatten(image)
+        return image
     if isinstance(image, (bytes, bytearray)):
         source = io.BytesIO(image)
     elif isinstance(image, (str, Path)):
@@ -33,7 +39,8 @@ def load_image(image, what='image'):
         raise ValueError(f"{what} must be a PIL image, a path or PNG/JPEG bytes, got {type(image).__name__}")
     try:
         with Image.open(source) as im:
-            return flatten(im)
+            im.load()
+            return im
     except (UnidentifiedImageError, OSError):
         raise ValueError(f"{what} is not a readable image (PNG, JPEG, WebP, ...)") from None
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .checkpoint import atomic_write
 from .data import ImageFolder, Preencoded, StepSampler, collate, is_shards, webdataset_images
 from .model import Paella, text_pool
-from .noise import add_noise, loss_weight
+from .noise import add_noise, check_token_range, loss_weight
 from .prior import CosineSchedule, PriorModel
 from .vq import VQModel
 
@@ -191,6 +191,8 @@ class GeneratorTask(Task):
             overrides.setdefault('num_labels', self.vqgan.codebook_size)
         overrides.setdefault('byt5_embd', width)
         self.model = Paella(Paella.make_config(cfg.preset, **overrides))
+        if 'tokens' in getattr(self.dataset, 'tensors', {}):     # pre-encoded: checked once, not per step
+            check_token_range(self.dataset.tensors['tokens'], self.model.num_labels)
 
     def loss(self, model, batch, s):
         cfg, dev = self.cfg, self.device

@@ -47,3 +47,15 @@ def test_the_pipeline_encodes_a_transparent_png_as_its_white_version():
     pipe = Pipeline.from_pretrained(dtype=torch.float32)
     white = Image.fromarray(expected)
     assert pipe.encode_images([data], size=(32, 32)).equal(pipe.encode_images([white], size=(32, 32)))
+
+
+def test_a_mask_file_is_read_as_drawn(tmp_path):
+    """A transparent pixel of a mask is unpainted (kept), from a file as from a PIL image: masks are not
+    composited on white like pictures."""
+    from paella.editing import load_mask
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[:, 8:] = 255                                            # right half opaque white, left transparent
+    im = Image.fromarray(rgba, 'RGBA')
+    im.save(tmp_path / 'mask.png')
+    from_file, from_pil = load_mask(tmp_path / 'mask.png', (16, 16)), load_mask(im, (16, 16))
+    assert from_file.mean() == 0.5 and (from_file == from_pil).all()

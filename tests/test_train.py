@@ -345,3 +345,10 @@ def test_commit_weight_weights_the_commitment_alone(tmp_path):
     for k in encoder:
         torch.testing.assert_close(grads[0.0][k], dict(model.named_parameters())[k].grad, atol=1e-7, rtol=1e-5)
     assert any(not grads[1.0][k].allclose(grads[0.0][k]) for k in encoder)         # weight 1 does pull the encoder
+
+
+def test_tokens_outside_the_codebook_are_named_before_training(tmp_path):
+    """Pre-encoded tokens are checked once when the run starts (the forward no longer reads them back)."""
+    data = synth.preencoded_tokens(tmp_path / 'd.safetensors', n=4, codes=128)     # the tiny preset has 64
+    with pytest.raises(ValueError, match=r'token ids must lie in \[0, 63\], got values in \[0, 127\]'):
+        train(config('generator', tmp_path, data=str(data), steps=2, batch_size=2))

@@ -6,23 +6,23 @@
   a page the user visits cannot drive the server (the app has no login, so this is its CSRF defence).
 - Body size: over ``max_body`` bytes is 413, by Content-Length before reading, or counted as a chunked body
   arrives (the app is then told the client left, and whatever it answers is dropped).
-- Disk: uploads to the web app are refused (507) while its cache holds more than ``max_cache`` bytes
-  (every file counted as at least one 4 KiB block) or ``MAX_FILES`` files.
+- Disk: requests that store files (uploads, the image editor's pieces) pass four at a time and are refused
+  (507) while the web app's folder holds more than ``max_cache`` bytes (every file counted as at least one
+  4 KiB block) or ``MAX_FILES`` files.
 - Gradio routes this server does not use are 404: fetching a URL through the server (``file=http...``,
-  ``proxy=``) and re-encoding screen recordings.
+  ``file/http...``, ``proxy=``) and re-encoding screen recordings.
 """
 import asyncio
 import json
 import logging
 import os
 import re
-import time
 from urllib.parse import urlsplit
 
 log = logging.getLogger('paella.serve')
-UPLOAD_PATH = '/gradio_api/upload'
+WRITERS = ('/gradio_api/upload', '/gradio_api/component_server')   # routes that store files
 MAX_FILES = 4096
-UNUSED = re.compile(r'(^|/)(file=\s*https?:|proxy=|process_recording)', re.IGNORECASE)
+UNUSED = re.compile(r'(^|/)(file[=/]\s*https?:|proxy=|process_recording)', re.IGNORECASE)
 
 
 async def refuse(send, status, message, headers=()):
@@ -56,19 +56,18 @@ def folder_usage(path):
 
 
 class Budget:
-    """Whether a folder is over its size or file budget, measured in a thread at most once a second (a
-    folder of many files takes a while to walk; the event loop must not wait for it)."""
+    """The web app's folder against its size and file budget. Requests that write into it (uploads, the
+    image editor's pieces) pass four at a time, each after a fresh measure (made in a thread: a folder of
+    many files takes a while to walk, and the event loop must not wait for it), so parallel writers cannot
+    overshoot the budget together."""
 
     def __init__(self, path, max_bytes, max_files=MAX_FILES):
         self.path, self.max_bytes, self.max_files = path, max_bytes, max_files
-        self.checked, self.over, self.lock = 0.0, False, asyncio.Lock()
+        self.writers = asyncio.Semaphore(4)
 
-    async def exceeded(self):
-        async with self.lock:
-            if time.monotonic() - self.checked >= 1.0:
-                size, files = await asyncio.to_thread(folder_usage, self.path)
-                self.over, self.checked = size > self.max_bytes or files > self.max_files, time.monotonic()
-            return self.over
+    async def over(self):
+        size, files = await asyncio.to_thread(folder_usage, self.path)
+        return size > self.max_bytes or files > self.max_files
 
 
 class Guard:
@@ -93,10 +92,13 @@ class Guard:
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             log.warning("413 %s: body of %s bytes", where, length.decode('latin-1')[:30])
             return await refuse(send, 413, f"the request body is over the limit of {self.max_body} bytes")
-        if scope['path'] == UPLOAD_PATH and self.budget is not None and await self.budget.exceeded():
-            log.warning("507 %s: the upload cache is full", where)
-            return await refuse(send, 507, "the server holds too many uploads right now; try again in a few minutes")
-        return await self._counted(scope, receive, send, where)
+        if scope['path'] not in WRITERS or self.budget is None:
+            return await self._counted(scope, receive, send, where)
+        async with self.budget.writers:
+            if await self.budget.over():
+                log.warning("507 %s: the upload folder is full", where)
+                return await refuse(send, 507, "the server holds too many uploads right now; try again in a few minutes")
+            return await self._counted(scope, receive, send, where)
 
     async def _counted(self, scope, receive, send, where):
         """Pass the request on, counting its body; past the limit answer 413 and cut the app off."""

@@ -118,10 +118,6 @@ def serve(pipe, host='127.0.0.1', port=7860, limits=None, with_web=True, hosts=N
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with private_folder() as cache_dir:
         asgi = app(pipe, limits, with_web, hosts or allowed_hosts(host), cache_dir)
-        # connections and tasks at once (uvicorn answers 503 beyond): every queued request and open page
-        # holds one, so this bounds what clients can hold without refusing what the queue admits
-        connections = 100 + 2 * (limits.concurrency + limits.queue)
         config = uvicorn.Config(asgi, host=host.strip('[]'), port=port, log_level='warning',
-                                http=protocol(limits.request_timeout), timeout_graceful_shutdown=5,
-                                limit_concurrency=connections)
+                                http=protocol(limits.request_timeout), timeout_graceful_shutdown=5)
         uvicorn.Server(config).run()

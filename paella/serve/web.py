@@ -230,6 +230,9 @@ def mount(app, service, cache_dir):
     os.environ['GRADIO_EXAMPLES_CACHE'] = os.path.join(cache_dir, 'examples')
     import gradio as gr
     demo = blocks(service, cache_dir)
+    # Gradio keeps per-session state for every session id a client makes up (~170 KB each, 10 000 by
+    # default; read when the app is mounted); this app keeps no gr.State, so a few hundred is plenty
+    demo.state_session_capacity = 200
     app = gr.mount_gradio_app(app, demo, path='/', max_file_size=service.limits.max_body, show_error=False,
                               footer_links=[], run_history=False, css=CSS)
     # Gradio checks that a file a request names was uploaded to it only once the app has "launched";

@@ -13,12 +13,19 @@ from gradio_client import utils as client_utils
 
 from .limits import BadRequest
 
-PENDING_EDITS = 16                  # editor uploads kept for requests still to come; older ones are dropped
+PENDING_EDITS = 8                   # editor uploads kept for requests still to come; older ones are dropped
+MAX_PIECE = 2 * 2 ** 20             # bytes of one piece (a 512 x 512 RGBA PNG is well under)
 # (the class names stay Gradio's: the page picks its widget by the lower-cased class name)
 
 
 def _refuse(message):
     raise gr.Error(message, print_exception=False)
+
+
+def _bad_piece(message):
+    """The editor's pieces come through Gradio's component route, where only an HTTP error is a 4xx."""
+    from fastapi import HTTPException
+    raise HTTPException(status_code=400, detail=message)
 
 
 class UploadsOnly:
@@ -55,9 +62,17 @@ class ImageEditor(UploadsOnly, gr.ImageEditor):
     @server
     def accept_blobs(self, data):
         piece = data.data
-        if piece['type'] == 'layer' and piece['index'] not in (None, 'null', 0, '0'):
-            _refuse("This editor has one drawing layer.")
-        self._check(data.files[0][1])
+        kind, index, files = piece.get('type'), piece.get('index'), data.files
+        if kind not in ('background', 'layer', 'composite') or not piece.get('id') or len(files) != 1:
+            _bad_piece("an editor piece needs a type, an id and one file")
+        if kind == 'layer' and index not in (None, 'null', 0, '0'):
+            _bad_piece("this editor has one drawing layer")
+        if len(files[0][1]) > MAX_PIECE:
+            _bad_piece(f"an editor piece is at most {MAX_PIECE} bytes")
+        try:
+            self.check_size(files[0][1])
+        except BadRequest as e:
+            _bad_piece(str(e))
         while len(self.blob_storage) >= PENDING_EDITS and piece['id'] not in self.blob_storage:
             self.blob_storage.pop(next(iter(self.blob_storage)))           # the oldest unfinished edit
         return super().accept_blobs(data)
