@@ -1,7 +1,7 @@
 """Load on `paella serve` over loopback: stages of N clients against /v1/generate, then a memory soak.
 
-Each client sends one request after another on a keep-alive connection; a 503 is honoured as a client
-should (it waits the Retry-After the server sends, 1 s). Per stage: images served per second ("good
+Each client sends one request after another on one keep-alive connection; a 503 is honoured as a client
+should (it waits the Retry-After the server sends, 1 s, on the same connection). Per stage: images served per second ("good
 throughput"), latency of the 200s, latency of the 503s, and the server's peak memory. The soak runs
 ``--soak-clients`` clients for ``--soak`` seconds and samples the server's memory.
 
@@ -50,8 +50,7 @@ def client(port, stop, results, seed):
             conn = None
             continue
         results.append((time.perf_counter(), r.status, time.perf_counter() - t0))
-        if r.status == 503:
-            conn = None                                   # the server closes refused connections' keep-alive
+        if r.status == 503:                               # kept alive: a refusal does not close the connection
             stop.wait(float(r.getheader('retry-after') or 1))
 
 
