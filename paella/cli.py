@@ -108,24 +108,6 @@ def _positive(text):
     return value
 
 
-def _check_serve_hosts(parser, args):
-    """--host must be an address of this machine (before the model loads); --allowed-hosts are bare names."""
-    import socket
-    try:
-        socket.getaddrinfo(args.host.strip('[]'), args.port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        parser.error(f"--host {args.host!r}: not an address or a name this machine can resolve")
-    import ipaddress
-    for name in args.allowed_hosts:
-        try:
-            ipaddress.ip_address(name.strip('[]'))                   # 10.0.0.5, ::1, [::1]
-            continue
-        except ValueError:
-            pass
-        if name != '*' and (not name or any(c in name for c in ':/@ ')):
-            parser.error(f"--allowed-hosts {name!r}: give a bare host name or address, without a port or path")
-
-
 def _port(text):
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {text!r}")
@@ -183,10 +165,10 @@ def cmd_edit_mode(args):
 
 def cmd_serve(args):
     from .pipeline import Pipeline
-    from .serve import allowed_hosts, is_loopback, serve, url_host
+    from .serve import is_loopback, serve, url_host
     _quiet_transformers()
     pipe = Pipeline.from_pretrained(args.model, device=args.device)
-    hosts = allowed_hosts(args.host, args.allowed_hosts)
+    hosts = args.hosts                                   # checked in main, before the model loads
     if '*' in hosts:
         print("paella serve: --allowed-hosts '*': any Host header is accepted, so a web page could reach "
               "this server through DNS rebinding; use it only behind a proxy that checks the name",
@@ -498,7 +480,12 @@ def main(argv=None):
             args.limits = Limits(**{k: getattr(args, k) for k in names})
         except ValueError as e:
             serve_parser.error(f"--{str(e).replace('_', '-', 1)}")
-        _check_serve_hosts(serve_parser, args)
+        from .serve import allowed_hosts, check_listen_address
+        try:
+            check_listen_address(args.host, args.port)
+            args.hosts = allowed_hosts(args.host, args.allowed_hosts)
+        except ValueError as e:
+            serve_parser.error(str(e))
     from .checkpoint import CheckpointError
     try:
         args.func(args)

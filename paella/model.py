@@ -16,7 +16,7 @@ from torch import nn
 
 from .blocks import Attention, AttnBlock, FeedForwardBlock, GlobalResponseNorm, LayerNorm2d, ResBlock, TimestepBlock
 from .checkpoint import Pretrained
-from .noise import add_noise, check_token_range, loss_weight, r_embedding
+from .noise import add_noise, loss_weight, r_embedding
 
 
 @dataclass
@@ -195,8 +195,8 @@ class Paella(Pretrained, nn.Module):
     def check_inputs(self, x, r, byt5, clip=None, clip_image=None, batch=None):
         """Raise ValueError naming the problem, before it becomes a shape error deep inside. x and r may be
         None (conditioning alone, `prepare`); byt5 may be None with ``batch`` (the cache's batch size).
-        Shapes and dtypes only: reading token values back would stop a GPU at every step (`check_tokens`
-        does that once per sampling call)."""
+        Shapes and dtypes only: reading token values back would stop a GPU at every step
+        (`noise.check_token_range` does that once per sampling call and once per training run)."""
         cfg = self.config
         if x is not None:
             if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -221,11 +221,6 @@ class Paella(Pretrained, nn.Module):
         for name, vec in (('clip', clip), ('clip_image', clip_image)):
             if vec is not None and (vec.dim() != 2 or vec.shape != (b, cfg.clip_embd)):
                 raise ValueError(f"{name} embedding must have shape ({b}, {cfg.clip_embd}), got {tuple(vec.shape)}")
-
-    def check_tokens(self, x):
-        """Token ids within the codebook. Reads two numbers back from the device, so callers do it once
-        (per `sample` call, per batch of data), not in every forward."""
-        check_token_range(x, self.config.num_labels)
 
     def _blocks(self, level, x, r_embed, c_embed, skip=None, key_weights=None, cached=None):
         for j, block in enumerate(level):

@@ -6,6 +6,7 @@ body-size and disk checks in front of both), `server` (the app, its private fold
 Importing this package is cheap: Gradio, FastAPI and uvicorn load only when an app is built.
 """
 from .limits import HOST, BadRequest, Busy, Limits
-from .server import allowed_hosts, app, is_loopback, serve, url_host
+from .server import allowed_hosts, app, check_listen_address, is_loopback, serve, url_host
 
-__all__ = ['HOST', 'BadRequest', 'Busy', 'Limits', 'allowed_hosts', 'app', 'is_loopback', 'serve', 'url_host']
+__all__ = ['HOST', 'BadRequest', 'Busy', 'Limits', 'allowed_hosts', 'app', 'check_listen_address', 'is_loopback',
+           'serve', 'url_host']

@@ -21,10 +21,25 @@ LOOPBACK = ['127.0.0.1', 'localhost', '[::1]']
 def is_loopback(host):
     if host == 'localhost':
         return True
+    return _is_address(host) and ipaddress.ip_address(host.strip('[]')).is_loopback
+
+
+def _is_address(name):
     try:
-        return ipaddress.ip_address(host.strip('[]')).is_loopback
+        ipaddress.ip_address(name.strip('[]'))                   # 10.0.0.5, ::1, [::1]
+        return True
     except ValueError:
         return False
+
+
+def check_listen_address(host, port):
+    """ValueError unless ``host`` is an address or a name this machine resolves (checked before the model
+    loads, not when uvicorn binds)."""
+    import socket
+    try:
+        socket.getaddrinfo(host.strip('[]'), port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise ValueError(f"--host {host!r}: not an address or a name this machine can resolve") from None
 
 
 def url_host(host):
@@ -33,7 +48,11 @@ def url_host(host):
 
 
 def allowed_hosts(host, extra=()):
-    """Names the Host header may carry: loopback, the address listened on (unless a wildcard), ``extra``."""
+    """Names the Host header may carry: loopback, the address listened on (unless a wildcard), ``extra``
+    (bare names or addresses, or '*'); ValueError for a name with a port or a path."""
+    for name in extra:
+        if name != '*' and not _is_address(name) and (not name or any(c in name for c in ':/@ ')):
+            raise ValueError(f"--allowed-hosts {name!r}: give a bare host name or address, without a port or path")
     names = list(LOOPBACK)
     if host not in ('0.0.0.0', '::', ''):
         names.append(url_host(host).lower())
