@@ -90,6 +90,32 @@ def minilm_encoder(path=None, device=None, pad_to=24, **kwargs):
                          'minilm-l6-v2', max_length=256, pad_to=pad_to, **kwargs)
 
 
+def encoder_spec(text, pad_to=None):
+    """'minilm', 'minilm:<folder>', 'byt5:<name or folder>' or 'none' -> the spec a pipeline folder stores
+    ({'type', 'path', 'pad_to'}), or None for 'none'. An unknown kind is an error, never a silent default.
+    pad_to: tokens per prompt (default: 24 for MiniLM, as the emoji model was trained; ByT5 pads to the
+    longest prompt, as published)."""
+    kind, _, path = str(text).partition(':')
+    if kind == 'none' and not path:
+        return None
+    if kind not in ('minilm', 'byt5') or (kind == 'byt5' and not path):
+        raise ValueError(f"text encoder must be 'minilm', 'minilm:<folder>', 'byt5:<name or folder>' or 'none', "
+                         f"got {text!r}")
+    return {'type': kind, 'path': path or None, 'pad_to': pad_to if pad_to or kind == 'byt5' else 24}
+
+
+def load_text_encoder(spec, device=None):
+    """The text encoder a spec (a dict from `encoder_spec` / pipeline.json, or its string form) names."""
+    from .checkpoint import CheckpointError
+    if isinstance(spec, str):
+        spec = encoder_spec(spec)
+    if spec['type'] == 'byt5':
+        return byt5_encoder(spec['path'], device=device, pad_to=spec.get('pad_to'))
+    if spec['type'] == 'minilm':
+        return minilm_encoder(spec.get('path'), device=device, pad_to=spec.get('pad_to', 24))
+    raise CheckpointError(f"unknown text encoder type {spec['type']!r} (expected 'byt5' or 'minilm')")
+
+
 def clip_preprocess(images, size=224):
     """Images (PIL, or a (B, 3, H, W) tensor in [0, 1]) -> (B, 3, size, size) CLIP input.
 
