@@ -1,48 +1,22 @@
-"""`paella eval`: a quality report for an emoji model, in a feature space we own.
+"""Image-set measures in a feature space we own, for judging a model against real pictures.
 
 Feature space ("pixel-16"): an image is resized to 16x16 by area averaging (Pillow's BOX filter), its
-RGB values in [0, 1] flattened to 768 numbers. OpenMoji renders are centred drawings on white, so
+RGB values in [0, 1] flattened to 768 numbers. For centred drawings on white (the emoji model's data),
 distance in this space compares layout and colour, ignoring the exact strokes; it needs no pretrained
 network (none can be downloaded here).
 
-Report:
-- retrieval: for each of 200 emoji names, the image generated from the name is compared with the real
-  renders of the same 200 emoji: top-1 / top-5 = how often its own render is the nearest / among the five
-  nearest (chance 0.5% / 2.5%);
-- paraphrases: the same for prompts that are not emoji names ("smiling cat" -> grinning cat);
-- fid16: the Frechet distance between generated and real images in that space (after PCA to 64 dims);
-- psnr: median PSNR between each generated image and its prompt's real render, and the VQGAN's own
-  reconstruction PSNR (mean) on the same emoji (the best the generator could do there) and on the whole
-  real set (every named render of the folder, not a sample).
-"""
-import json
-import random
+- `features`: the pixel-16 features of a list of images;
+- `retrieval`: top-1 / top-5 rate at which each generated image is nearest to its own real picture;
+- `frechet`: the Frechet distance between two feature sets (after a joint PCA);
+- `reconstruction_psnr`: a VQGAN's encode-decode PSNR per image (the best a generator could do).
 
+The emoji model's report built from them (`paella eval`) is the recipe's: `recipes/openmoji/eval.py`.
+"""
 import numpy as np
 import torch
 from PIL import Image
 
-from .images import psnr
-
-# Prompts that are not emoji names, each with the emoji it should produce.
-PARAPHRASES = [
-    ('smiling cat', 'grinning cat'), ('fire truck', 'fire engine'), ('an apple', 'red apple'),
-    ('police vehicle', 'police car'), ('slice of pizza', 'pizza'), ('cheeseburger', 'hamburger'),
-    ('cake with candles', 'birthday cake'), ('football', 'soccer ball'), ('plane', 'airplane'),
-    ('space rocket', 'rocket'), ('bike', 'bicycle'), ('puppy', 'dog face'), ('kitten', 'cat face'),
-    ('snow man', 'snowman'), ('rain umbrella', 'umbrella'), ('lamp bulb', 'light bulb'), ('heart', 'red heart'),
-    ('thumb up', 'thumbs up'), ('sad crying face', 'crying face'), ('laughing face', 'face with tears of joy'),
-    ('cool face with sunglasses', 'smiling face with sunglasses'), ('spooky ghost', 'ghost'),
-    ('robot face', 'robot'), ('yellow banana', 'banana'), ('bunch of grapes', 'grapes'), ('coffee', 'hot beverage'),
-    ('electric guitar', 'guitar'), ('photo camera', 'camera'), ('letter', 'envelope'), ('stack of books', 'books'),
-    ('padlock', 'locked'), ('taxi cab', 'taxi'), ('sail boat', 'sailboat'), ('whale blowing water', 'spouting whale'),
-    ('lightning', 'high voltage'), ('flame', 'fire'), ('water drop', 'droplet'), ('red rose', 'rose'),
-    ('lucky clover', 'four leaf clover'), ('donut', 'doughnut'), ('chili pepper', 'hot pepper'),
-    ('cherry', 'cherries'), ("king's crown", 'crown'), ('diamond', 'gem stone'), ('gold cup', 'trophy'),
-    ('music note', 'musical note'), ('camping tent', 'tent'), ('race car', 'racing car'), ('motorbike', 'motorcycle'),
-    ('game controller', 'video game'), ('teddy', 'teddy bear'), ('horseshoe magnet', 'magnet'),
-    ('notebook computer', 'laptop'), ('ship anchor', 'anchor'), ('ice-cream dessert', 'ice cream'),
-]
+from .images import psnr, tokens_to_images
 
 
 def features(images):
@@ -73,89 +47,8 @@ def frechet(a, b, dims=64):
 
 def reconstruction_psnr(pipe, images, batch=64):
     """PSNR of each image against its reconstruction by the pipeline's VQGAN (encode, then decode)."""
-    from .images import tokens_to_images
     out = []
     for lo in range(0, len(images), batch):
         chunk = images[lo:lo + batch]
         out += [psnr(r, x) for r, x in zip(tokens_to_images(pipe.vqgan, pipe.encode_images(chunk)), chunk)]
     return out
-
-
-def load_real(folder):
-    """{caption: PIL image} of a dataset folder with metadata.jsonl (alias captions left out)."""
-    rows = [json.loads(line) for line in (folder / 'metadata.jsonl').read_text(encoding='utf-8').splitlines()]
-    return {r['text']: Image.open(folder / r['file_name']).convert('RGB') for r in rows if not r.get('alias')}
-
-
-# Pairs of emoji for the regional-prompt check: left half one prompt, right half the other.
-REGIONAL_PAIRS = [
-    ('red apple', 'fire engine'), ('sun', 'snowman'), ('grapes', 'rocket'), ('pizza', 'ghost'),
-    ('banana', 'police car'), ('rainbow', 'crown'), ('tangerine', 'droplet'), ('sunflower', 'locked'),
-    ('cherries', 'taxi'), ('green apple', 'red heart'),
-]
-
-
-def regional_trials(pipe, real, trials=20, seed=0, **overrides):
-    """Rate at which a 2W x W canvas with prompt a on the left and b on the right has a left half nearer
-    (pixel-16 features) to a's render than to b's, and a right half nearer to b's than to a's.
-    real: {emoji name: PIL render}. Trial i uses pair i mod 10 and seed ``seed + i``."""
-    w, h = pipe.image_size
-    wins = []
-    for i in range(trials):
-        a, b = REGIONAL_PAIRS[i % len(REGIONAL_PAIRS)]
-        image = pipe.regional([(a, (0, 0, w, h)), (b, (w, 0, 2 * w, h))], size=(2 * w, h), seed=seed + i,
-                              **overrides)[0]
-        halves = features([image.crop((0, 0, w, h)), image.crop((w, 0, 2 * w, h))])
-        d = torch.cdist(halves, features([real[a], real[b]]))           # (2 halves, 2 renders)
-        wins.append(bool(d[0, 0] < d[0, 1] and d[1, 1] < d[1, 0]))
-    return sum(wins) / len(wins), wins
-
-
-def summarize(reports):
-    """Mean, min and max of every measure over several reports (e.g. one per eval seed)."""
-    keys = [k for k, v in reports[0].items() if isinstance(v, float)]
-    return {k: {'mean': round(float(np.mean([r[k] for r in reports])), 4), 'min': min(r[k] for r in reports),
-                'max': max(r[k] for r in reports)} for k in keys}
-
-
-def real_set_psnr(pipe, real):
-    """{name: VQGAN reconstruction PSNR} for every render of ``real`` ({name: image}, `load_real`)."""
-    return dict(zip(real, reconstruction_psnr(pipe, list(real.values()))))
-
-
-def evaluate(pipe, folder, n=200, seed=0, batch=16, recon=None, **overrides):
-    """The report (a dict) for pipeline ``pipe`` against the real renders in ``folder``. ``recon``: the
-    folder's `real_set_psnr`, when several reports share it (it does not depend on the seed)."""
-    real = load_real(folder)
-    recon = real_set_psnr(pipe, real) if recon is None else recon
-    targets = sorted({t for _, t in PARAPHRASES if t in real})
-    rest = sorted(set(real) - set(targets))
-    # The pool: every paraphrase target, filled up with other emoji drawn with the seed.
-    names = (targets + random.Random(seed).sample(rest, max(0, n - len(targets))))[:n]
-    paraphrases = [(p, t) for p, t in PARAPHRASES if t in names]
-    index = {name: i for i, name in enumerate(names)}
-    real_feats = features([real[name] for name in names])
-
-    def generate(prompts):
-        images = []
-        for lo in range(0, len(prompts), batch):
-            images += pipe(prompts[lo:lo + batch], seed=seed + lo, **overrides)
-        return images
-    gen = generate(names)
-    para = generate([p for p, _ in paraphrases])
-    gen_feats = features(gen)
-    top1, top5 = retrieval(gen_feats, real_feats, list(range(len(names))))
-    p1, p5 = retrieval(features(para), real_feats, [index[t] for _, t in paraphrases])
-    vq_psnr = [recon[name] for name in names]
-    median = float(np.median([psnr(g, real[nm]) for g, nm in zip(gen, names)]))
-    return {
-        'emoji': len(names), 'paraphrases': len(paraphrases),
-        'top1': round(top1, 4), 'top5': round(top5, 4),
-        'paraphrase_top1': round(p1, 4), 'paraphrase_top5': round(p5, 4),
-        'fid16': round(frechet(gen_feats, real_feats), 3),
-        'median_psnr_to_target': round(median, 2),
-        'vqgan_psnr': round(float(np.mean(vq_psnr)), 2),
-        'gap_db': round(float(np.mean(vq_psnr)) - median, 2),     # issue 5's "within 4 dB"
-        'vqgan_psnr_real_set': round(float(np.mean(list(recon.values()))), 2),
-        'chance_top1': round(1 / len(names), 4), 'chance_top5': round(5 / len(names), 4),
-    }

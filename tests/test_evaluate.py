@@ -1,13 +1,15 @@
-"""The evaluation's measures, and assembling a pipeline from trained parts."""
+"""The evaluation's measures (paella/evaluate.py), the emoji report (recipes/openmoji/eval.py), and assembling a
+pipeline from trained parts."""
 import json
 
 import numpy as np
 import pytest
 import torch
+from paella_openmoji import PARAPHRASES, catalogue
 from PIL import Image
 
-from paella.evaluate import PARAPHRASES, features, frechet, psnr, retrieval
-from paella.openmoji import catalogue
+from paella.evaluate import features, frechet, retrieval
+from paella.images import psnr
 
 
 def test_retrieval_counts_ranks():
@@ -59,3 +61,41 @@ def test_assemble_and_generate(tmp_path, minilm, capsys):
     assert main(['assemble', str(tmp_path / 'p2'), '--generator', str(tmp_path / 'gen'), '--vqgan',
                  str(tmp_path / 'vq'), '--set', 'stepz=3']) == 2
     assert "unknown setting 'stepz'" in capsys.readouterr().err
+
+
+def real_folder(folder, names):
+    """A `paella data openmoji` folder of just these emoji, rendered at 64 px."""
+    from paella_openmoji import render
+    folder.mkdir()
+    with open(folder / 'metadata.jsonl', 'w') as meta:
+        for svg, name, *_ in catalogue():
+            if name in names:
+                (folder / f'{svg.stem}.png').write_bytes(render(svg, 64))
+                meta.write(json.dumps({'file_name': f'{svg.stem}.png', 'text': name}) + '\n')
+    return folder
+
+
+def test_eval_lines_are_the_eval_commands_output(tmp_path, hf_offline, monkeypatch):
+    """`paella eval` as a generator of its lines: the report, several seeds, the regional check, and a
+    folder built on the fly (here a small one) and removed afterwards."""
+    import paella_openmoji.dataset
+    from paella_openmoji import eval_lines
+
+    from paella.pipeline import Pipeline
+    pipe = Pipeline.from_pretrained()
+    names = {'red apple', 'fire engine', 'pizza', 'rocket', 'ghost', 'sun', 'snowman', 'banana'}
+    folder = real_folder(tmp_path / 'real', names)
+    fast = {'n': 6, 'steps': 2}
+    [single] = eval_lines(pipe, folder, **fast)
+    report = json.loads(single)
+    assert single.startswith('{\n  "emoji": 6,') and report['paraphrases'] >= 4
+    *per_seed, summary = [json.loads(line) for line in eval_lines(pipe, folder, seeds=2, **fast)]
+    assert [r.pop('seed') for r in per_seed] == [0, 1] and per_seed[0] == report
+    assert summary['seeds'] == 2 and summary['top1']['min'] == min(r['top1'] for r in per_seed)
+    [regional] = eval_lines(pipe, str(folder), regional=2, steps=2)
+    assert json.loads(regional).keys() == {'regional_trials', 'regional_rate'}
+    built = []
+    monkeypatch.setattr(paella_openmoji.dataset, 'build',
+                        lambda out, size: built.append((out, size)) or real_folder(out, names))
+    assert list(eval_lines(pipe, None, **fast)) == [single]
+    assert built[0][1] == 64 and not built[0][0].exists()

@@ -1,13 +1,14 @@
-"""The OpenMoji dataset builder and the data/preencode/train commands end to end."""
+"""The OpenMoji recipe's dataset builder (recipes/openmoji/dataset.py) and the data/preencode/train commands
+end to end."""
 import json
 
 import numpy as np
 import pytest
 import torch
+from paella_openmoji import catalogue
 from PIL import Image
 
 from paella.cli import main
-from paella.openmoji import catalogue
 from paella.vq import VQModel
 
 
@@ -43,9 +44,9 @@ def test_data_preencode_train_commands(tmp_path, minilm, capsys):
 
 
 def test_alias_captions_are_extra_rows_and_never_eval_paraphrases(tmp_path):
+    from paella_openmoji import PARAPHRASES, build, load_real
+
     from paella.data import ImageFolder
-    from paella.evaluate import PARAPHRASES, load_real
-    from paella.openmoji import build
     keycaps = build(tmp_path / 'e', size=32, limit=16, aliases=True, exclude=['five'])
     meta = [json.loads(line) for line in (tmp_path / 'e' / 'metadata.jsonl').read_text().splitlines()]
     aliases = [r for r in meta if r.get('alias')]
@@ -64,7 +65,7 @@ def test_alias_captions_are_extra_rows_and_never_eval_paraphrases(tmp_path):
 
 
 def test_cldr_keyword_captions(tmp_path, capsys):
-    from paella.openmoji import build
+    from paella_openmoji import build
     cldr = {'annotations': {'identity': {}, 'annotations': {
         '#️⃣': {'default': ['hash', 'keycap', 'pound', 'number sign'], 'tts': ['keycap: #']},
         '*️⃣': {'default': ['asterisk', 'keycap', 'star'], 'tts': ['keycap: *']},
@@ -96,6 +97,20 @@ def test_cldr_keyword_captions(tmp_path, capsys):
     assert main(['data', 'openmoji', '--out', str(tmp_path / 'f'), '--limit', '2',
                  '--keywords', str(tmp_path / 'bad.json')]) == 2
     assert 'not a CLDR annotations JSON file' in capsys.readouterr().err
+
+
+def test_build_dataset_holds_out_the_eval_paraphrases(tmp_path):
+    """`build_dataset` (what `paella data openmoji` runs) keeps every eval paraphrase out of the captions."""
+    from paella_openmoji import ATTRIBUTION, PARAPHRASES, build_dataset
+    cldr = {'annotations': {'annotations': {'#️⃣': {'default': ['kitten', 'hash sign', 'plane']},
+                                            '*️⃣': {'default': ['star sign']}}}}
+    (tmp_path / 'a.json').write_text(json.dumps(cldr, ensure_ascii=False))
+    assert build_dataset(tmp_path / 'e', size=16, limit=2, keywords=[tmp_path / 'a.json'], name_rows=2) == 2
+    meta = [json.loads(line) for line in (tmp_path / 'e' / 'metadata.jsonl').read_text().splitlines()]
+    texts = {r['text'] for r in meta}
+    assert 'hash sign' in texts and not texts & {'kitten', 'plane'} and {'kitten', 'plane'} <= {p for p, _ in PARAPHRASES}
+    assert len([r for r in meta if not r.get('alias')]) == 4                        # each name row twice
+    assert (tmp_path / 'e' / 'ATTRIBUTION.txt').read_text() == ATTRIBUTION + '\n'
 
 
 def test_preencode_with_a_half_precision_vqgan(tmp_path, capsys):

@@ -2,6 +2,8 @@
 with `resvg-py` on white, captioned with the Unicode emoji-test names bundled by `emoji-data` (v17),
 with Python's `unicodedata` as a fallback.
 
+`build_dataset` is `paella data openmoji`: `build` with the evaluation's paraphrases held out.
+
 Choices (see `build`):
 - skin-tone variants (about 2000 of 4495 files) are left out by default: they repeat their base emoji with
   another skin colour and would nearly double the set with captions that differ by a suffix;
@@ -153,3 +155,11 @@ def build(out, size=64, skin_tones=False, limit=None, aliases=False, exclude=(),
                                           ensure_ascii=False) + '\n')
     (out / 'ATTRIBUTION.txt').write_text(ATTRIBUTION + '\n')
     return len(rows)
+
+
+def build_dataset(out, size=64, skin_tones=False, limit=None, aliases=False, keywords=(), name_rows=1):
+    """`paella data openmoji`: `build` with every evaluation paraphrase (`eval.PARAPHRASES`) kept out of the
+    extra captions, so the paraphrase score stays a held-out measure. Returns the number of images."""
+    from .eval import PARAPHRASES
+    return build(out, size, skin_tones=skin_tones, limit=limit, aliases=aliases,
+                 exclude=[p for p, _ in PARAPHRASES], keywords=keywords or (), name_rows=name_rows)
