@@ -28,8 +28,7 @@ def main():
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     import synth
     from paella.conditioning import minilm_encoder
-    from paella.data import preencode
-    from paella.train import PRESETS, TrainConfig, train
+    from paella.train import GeneratorConfig, preencode, train
     from paella.vq import VQModel
 
     tmp = Path(tempfile.mkdtemp())
@@ -49,7 +48,7 @@ def main():
              ('raw images', 'fp32', False)] + ([('pre-encoded', 'bf16', True)] if args.compile else [])
     for data, precision, compiled in cases:
         out = tmp / f'run-{data[:3]}-{precision}-{compiled}'
-        cfg = TrainConfig(**{**PRESETS['generator'], 'data': str(tmp / 'pre.safetensors') if data == 'pre-encoded'
+        cfg = GeneratorConfig(**{'data': str(tmp / 'pre.safetensors') if data == 'pre-encoded'
                              else str(folder), 'vqgan': str(tmp / 'vq'), 'out': str(out), 'precision': precision,
                              'batch_size': args.batch, 'steps': args.warmup, 'save_every': 10 ** 9,
                              'log_every': 10 ** 9, 'tensorboard': False, 'image_size': 64, 'compile': compiled})

@@ -8,7 +8,7 @@ which never unpickles arbitrary objects.
 import json
 import os
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -91,13 +91,26 @@ def atomic_write(path, write):
 class Pretrained:
     """Mixin for nn.Modules with a dataclass config: save_pretrained / from_pretrained.
 
-    Subclasses set ``config_class``, ``presets`` (name -> kwargs), ``default_preset`` and ``model_type``,
-    and keep their config in ``self.config``.
+    Subclasses name their ``config_class``, ``presets`` (name -> kwargs), ``default_preset`` and
+    ``model_type`` in the class statement, and build from ``self.configure(config, kwargs)``.
     """
     config_class = None
     presets = {}
     default_preset = None
     model_type = None
+
+    def __init_subclass__(cls, config_class=None, presets=None, default_preset=None, model_type=None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Only what is named: a subclass made on the fly (FSDP2 swaps in one) keeps its parent's.
+        given = dict(config_class=config_class, presets=presets, default_preset=default_preset, model_type=model_type)
+        for name, value in given.items():
+            if value is not None:
+                setattr(cls, name, value)
+
+    def configure(self, config, overrides):
+        """``config`` (the published defaults when None) with keyword ``overrides``, kept as ``self.config``."""
+        self.config = replace(config or self.config_class(), **overrides)
+        return self.config
 
     @classmethod
     def make_config(cls, preset=None, **overrides):
@@ -167,3 +180,22 @@ class Pretrained:
 
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())
+
+
+def detect_model_type(state_dict):
+    """'paella' or 'vqgan', from the keys a state dict holds."""
+    if 'vquantizer.codebook.weight' in state_dict:
+        return 'vqgan'
+    if 'byt5_mapper.weight' in state_dict:
+        return 'paella'
+    raise ValueError("cannot tell which model these weights are for (no 'byt5_mapper.weight' nor "
+                     "'vquantizer.codebook.weight'); pass --model")
+
+
+def model_type_of(path):
+    """'paella' or 'vqgan' for a model folder (its config), a .safetensors file or an official .pt file
+    (from the keys its weights hold)."""
+    path = Path(path)
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        return json.loads((path / CONFIG_NAME).read_text()).get('model_type')
+    return detect_model_type(read_state_dict(path)[0])

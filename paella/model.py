@@ -8,7 +8,7 @@ Module and parameter names follow the published Paella v3 code exactly, so an of
 loads with ``load_state_dict(sd, strict=True)``.
 """
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,8 @@ def text_pool(states):
     return F.normalize(mean.float(), dim=-1).to(states.dtype)
 
 
-class Paella(Pretrained, nn.Module):
+class Paella(Pretrained, nn.Module, config_class=PaellaConfig, presets=PRESETS, default_preset='v3',
+             model_type='paella'):
     """The Paella U-Net. ``Paella(byt5_embd=2560)`` is the published v3 model.
 
     forward(x, r, byt5, clip=None, clip_image=None) -> logits (B, num_labels, H, W), where
@@ -73,15 +74,10 @@ class Paella(Pretrained, nn.Module):
     clip / clip_image: CLIP text / image embeddings (B, clip_embd) or None; with ``pooled_text`` a missing
     clip is the pooled text (`text_pool`).
     """
-    config_class = PaellaConfig
-    presets = PRESETS
-    default_preset = 'v3'
-    model_type = 'paella'
 
     def __init__(self, config: PaellaConfig | None = None, **kwargs):
         super().__init__()
-        cfg = replace(config or PaellaConfig(), **kwargs)
-        self.config = cfg
+        cfg = self.configure(config, kwargs)
         self.c_r, self.c_cond, self.num_labels = cfg.c_r, cfg.c_cond, cfg.num_labels
         levels = len(cfg.c_hidden)
         for name in ('nhead', 'blocks', 'level_config'):

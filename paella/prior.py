@@ -6,7 +6,7 @@ the noise in a noised image embedding x (B, clip_r) at noise level r (B,) given 
 classifier-free guidance.
 """
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,16 +31,14 @@ PRESETS = {
 }
 
 
-class PriorModel(Pretrained, nn.Module):
-    config_class = PriorConfig
-    presets = PRESETS
-    default_preset = 'v1'
-    model_type = 'prior'
+class PriorModel(Pretrained, nn.Module, config_class=PriorConfig, presets=PRESETS, default_preset='v1',
+                 model_type='prior'):
+    """The v1 prior: CLIP text embedding -> CLIP image embedding, an MLP denoiser of residual blocks."""
 
     def __init__(self, config: PriorConfig | None = None, **kwargs):
         super().__init__()
-        cfg = replace(config or PriorConfig(), **kwargs)
-        self.config, self.c_r = cfg, cfg.c_r
+        cfg = self.configure(config, kwargs)
+        self.c_r = cfg.c_r
         c_in = cfg.clip_r + cfg.c_hidden + cfg.c_r
         self.blocks = nn.ModuleList([nn.Linear(cfg.clip_r, cfg.c_hidden)])
         for _ in range(cfg.num_blocks):

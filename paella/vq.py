@@ -3,7 +3,7 @@
 Names and arithmetic follow the published ``VQModel`` (and the ``VectorQuantize`` layer it imports), so
 ``vqgan_f4.pt`` loads strictly and produces the same token ids.
 """
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -91,17 +91,13 @@ class ResBlock(nn.Module):
         return x + self.channelwise(h).permute(0, 3, 1, 2) * g[5]
 
 
-class VQModel(Pretrained, nn.Module):
+class VQModel(Pretrained, nn.Module, config_class=VQConfig, presets=PRESETS, default_preset='f4',
+              model_type='vqgan'):
     """``VQModel()`` is the published f4 VQGAN. Images are (B, 3, H, W) in [0, 1], H and W multiples of 4."""
-    config_class = VQConfig
-    presets = PRESETS
-    default_preset = 'f4'
-    model_type = 'vqgan'
 
     def __init__(self, config: VQConfig | None = None, **kwargs):
         super().__init__()
-        cfg = replace(config or VQConfig(), **kwargs)
-        self.config = cfg
+        cfg = self.configure(config, kwargs)
         self.c_latent, self.scale_factor, self.codebook_size = cfg.c_latent, cfg.scale_factor, cfg.codebook_size
         c_levels = [cfg.c_hidden // 2 ** i for i in reversed(range(cfg.levels))]
 

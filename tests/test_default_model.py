@@ -43,8 +43,7 @@ def test_cfg_option_takes_a_number_or_a_schedule(tmp_path, hf_offline, capsys):
         out[cfg] = np.asarray(Image.open(tmp_path / f'{cfg}.png'))
     assert np.array_equal(out['2'], out['2,2']) and not np.array_equal(out['2'], out['5,0.5'])
     for bad in ('high', '3,2,1'):
-        with pytest.raises(SystemExit):
-            main(['generate', 'red apple', '--cfg', bad])
+        assert main(['generate', 'red apple', '--cfg', bad]) == 2
         assert 'expected a number or START,END' in capsys.readouterr().err
 
 
@@ -77,8 +76,8 @@ def test_restored_pairs_then_the_decoder_learns_them(tmp_path, pipe):
     import synth
     import torch
     from safetensors.torch import load_file
-    from paella.data import restored_pairs
-    from paella.train import TrainConfig, train
+    from paella.train import restored_pairs
+    from paella.train import VQGANConfig, train
     from paella.vq import VQModel
     from paella.pipeline import default_model_path
     folder = synth.image_folder(tmp_path / 'shapes', 64)
@@ -99,9 +98,9 @@ def test_restored_pairs_then_the_decoder_learns_them(tmp_path, pipe):
     agree = (real == restored).float().mean().item()
     assert 0.05 < agree < 0.95, agree           # restored (chance agreement is 1/1024), not copied
     # train-vq on the file: the decoder alone learns to draw these images from these tokens.
-    cfg = TrainConfig(model='vqgan', data=str(tmp_path / 'p.safetensors'), out=str(tmp_path / 'run'), steps=30,
+    cfg = VQGANConfig(data=str(tmp_path / 'p.safetensors'), out=str(tmp_path / 'run'), steps=30,
                       batch_size=8, lr=1e-3, warmup=1, log_every=1, precision='fp32', tensorboard=False,
-                      init=str(default_model_path() / 'vqgan'), model_config='{"decoder_blocks": 8}',
+                      init=str(default_model_path() / 'vqgan'), model={'decoder_blocks': 8},
                       freeze='in_block,down_blocks,vquantizer', preset='small')
     before = VQModel.from_pretrained(default_model_path() / 'vqgan', dtype=torch.float32).state_dict()
     after = train(cfg).state_dict()
@@ -110,5 +109,5 @@ def test_restored_pairs_then_the_decoder_learns_them(tmp_path, pipe):
     psnr = [json.loads(line)['psnr'] for line in open(tmp_path / 'run' / 'metrics.jsonl')]
     print(f"decoder on restored pairs: psnr {np.mean(psnr[:5]):.2f} -> {np.mean(psnr[-5:]):.2f} dB")
     assert np.mean(psnr[-5:]) > np.mean(psnr[:5]) + 2
-    with pytest.raises(ValueError, match='--freeze=in_block,down_blocks,vquantizer'):
-        train(TrainConfig(model='vqgan', data=str(tmp_path / 'p.safetensors'), out=str(tmp_path / 'r2'), steps=1))
+    with pytest.raises(ValueError, match='--freeze in_block,down_blocks,vquantizer'):
+        train(VQGANConfig(data=str(tmp_path / 'p.safetensors'), out=str(tmp_path / 'r2'), steps=1))

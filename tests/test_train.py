@@ -16,16 +16,16 @@ import synth
 from paella import Paella, VQModel, sample
 from paella.prior import CosineSchedule, PriorModel
 from paella.model import text_pool
-from paella.train import PRESETS, TrainConfig, parse_overrides, train
+from paella.train import RECIPES, train
 from conftest import REPO
 
 ENV = {**os.environ, 'PYTHONPATH': str(REPO), 'HF_HUB_OFFLINE': '1'}
 
 
-def config(model, tmp_path, **kw):
-    base = dict(PRESETS[model], out=str(tmp_path / 'run'), preset='tiny', precision='fp32', warmup=10,
+def config(recipe, tmp_path, **kw):
+    base = dict(out=str(tmp_path / 'run'), preset='tiny', precision='fp32', warmup=10,
                 log_every=10, save_every=1000, tensorboard=False)
-    return TrainConfig(**{**base, **kw})
+    return RECIPES[recipe].config(**{**base, **kw})
 
 
 def logged(out):
@@ -51,7 +51,7 @@ def test_pooled_text_alone_carries_the_caption(tmp_path):
     # the 4 captions apart (and drawing each one's tokens back) is the pooled path's work alone.
     data = synth.preencoded_tokens(tmp_path / 'd.safetensors', n=4)
     cfg = config('generator', tmp_path, data=str(data), steps=150, batch_size=8, lr=1e-3, p_drop_tokens=1.0,
-                 model_config=json.dumps({'pooled_text': True, 'clip_embd': 24}))
+                 model={'pooled_text': True, 'clip_embd': 24})
     train(cfg)
     model = Paella.from_pretrained(tmp_path / 'run' / 'model')
     assert model.config.pooled_text
@@ -106,17 +106,17 @@ def test_prior_reduces_its_loss_by_a_stated_factor(tmp_path):
 
 
 def train_cmd(out, data, steps, *extra):
-    return [sys.executable, '-m', 'paella.cli', 'train', f'--data={data}', f'--out={out}', '--preset=tiny',
-            f'--steps={steps}', '--batch_size=8', '--lr=1e-3', '--warmup=10', '--precision=fp32',
-            '--tensorboard=false', *extra]
+    return [sys.executable, '-m', 'paella.cli', 'train', '--data', str(data), '--out', str(out), '--preset', 'tiny',
+            '--steps', str(steps), '--batch-size', '8', '--lr', '1e-3', '--warmup', '10', '--precision', 'fp32',
+            '--tensorboard', 'false', *extra]
 
 
 def test_killed_run_resumes_exactly(tmp_path):
     data = synth.preencoded_tokens(tmp_path / 'd.safetensors', n=16)
     steps = 80
-    subprocess.run(train_cmd(tmp_path / 'full', data, steps, '--save_every=5'), env=ENV, check=True,
+    subprocess.run(train_cmd(tmp_path / 'full', data, steps, '--save-every', '5'), env=ENV, check=True,
                    capture_output=True)
-    proc = subprocess.Popen(train_cmd(tmp_path / 'killed', data, steps, '--save_every=5'), env=ENV,
+    proc = subprocess.Popen(train_cmd(tmp_path / 'killed', data, steps, '--save-every', '5'), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = tmp_path / 'killed' / 'checkpoints' / 'step_0000010.pt'
     deadline = time.time() + 120
@@ -127,7 +127,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert proc.returncode == -9
     done = sorted(p.name for p in (tmp_path / 'killed' / 'checkpoints').glob('*.pt'))
     assert f'step_{steps:07d}.pt' not in done, done           # really interrupted
-    subprocess.run(train_cmd(tmp_path / 'killed', data, steps, '--save_every=5'), env=ENV, check=True,
+    subprocess.run(train_cmd(tmp_path / 'killed', data, steps, '--save-every', '5'), env=ENV, check=True,
                    capture_output=True)
     a = torch.load(tmp_path / 'full' / 'checkpoints' / f'step_{steps:07d}.pt', weights_only=True)
     b = torch.load(tmp_path / 'killed' / 'checkpoints' / f'step_{steps:07d}.pt', weights_only=True)
@@ -139,11 +139,11 @@ def test_killed_run_resumes_exactly(tmp_path):
 @pytest.mark.parametrize('strategy', ['ddp', 'fsdp'])
 def test_torchrun_two_processes_equal_one_process(tmp_path, strategy):
     data = synth.preencoded_tokens(tmp_path / 'd.safetensors', n=16)
-    nodrop = '--model_config={"dropout": 0.0}'
+    nodrop = '--model.dropout=0'
     subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                    *train_cmd(tmp_path / 'ddp', data, 4, nodrop, f'--fsdp={str(strategy == "fsdp").lower()}',
-                               '--grad_accum=2')[1:]], env=ENV, check=True, capture_output=True)
-    subprocess.run(train_cmd(tmp_path / 'one', data, 4, nodrop, '--grad_accum=2'), env=ENV, check=True,
+                    *train_cmd(tmp_path / 'ddp', data, 4, nodrop, '--fsdp', str(strategy == 'fsdp'),
+                               '--grad-accum', '2')[1:]], env=ENV, check=True, capture_output=True)
+    subprocess.run(train_cmd(tmp_path / 'one', data, 4, nodrop, '--grad-accum', '2'), env=ENV, check=True,
                    capture_output=True)
     a, b = load_file(str(tmp_path / 'one' / 'model' / 'model.safetensors')), \
         load_file(str(tmp_path / 'ddp' / 'model' / 'model.safetensors'))
@@ -193,13 +193,31 @@ def test_planted_bad_files_are_skipped_and_reported(tmp_path):
     assert (tmp_path / 'run' / 'checkpoints' / 'step_0000002.pt').exists()
 
 
-def test_overrides_are_parsed_and_checked():
-    cfg = parse_overrides(TrainConfig(), ['--steps=7', '--lr=1e-4', '--betas=[0.9, 0.95]', '--out=x', '--compile=true'])
-    assert (cfg.steps, cfg.lr, cfg.betas, cfg.out, cfg.compile) == (7, 1e-4, (0.9, 0.95), 'x', True)
-    with pytest.raises(ValueError, match="unknown setting 'stepz'"):
-        parse_overrides(TrainConfig(), ['--stepz=3'])
-    with pytest.raises(ValueError, match='--steps'):
-        parse_overrides(TrainConfig(), ['--steps=many'])
+def test_training_flags_come_from_the_recipe_config(monkeypatch, capsys):
+    """One grammar: dashes and spaced values, dotted keys for the model config and the shard filters, the
+    old underscore spellings and JSON dicts as aliases; a wrong name or value is a usage error (exit 2)."""
+    from paella.cli import main
+    from paella.train import GeneratorConfig, VQGANConfig
+    seen = []
+    monkeypatch.setattr('paella.train.train', seen.append)
+    assert main(['train', '--data', 'd', '--steps', '7', '--lr', '1e-4', '--betas', '0.9', '0.95', '--compile',
+                 '--tensorboard', 'false', '--model.dropout', '0', '--model.c-hidden', '8', '16', '16',
+                 '--filters.min-size', '512']) == 0
+    assert seen[-1] == GeneratorConfig(data='d', steps=7, lr=1e-4, betas=(0.9, 0.95), compile=True, tensorboard=False,
+                                       model={'dropout': 0.0, 'c_hidden': [8, 16, 16]}, filters={'min_size': 512})
+    assert main(['train-vq', '--data=d', '--batch_size=4', '--model_config={"c_hidden": 8}', '--model.levels', '3']) == 0
+    assert seen[-1] == VQGANConfig(data='d', batch_size=4, model={'c_hidden': 8, 'levels': 3})
+    assert seen[-1].weight_decay == 0.0 and seen[-1].warmup == 100          # the VQGAN recipe's own defaults
+    capsys.readouterr()
+    for bad, message in ((['--stepz', '3'], 'unrecognized arguments: --stepz'),
+                         (['--steps', 'many'], "argument --steps: invalid int value: 'many'"),
+                         (['--model.dropout', 'x'], 'invalid float value'),
+                         (['--model.nope', '1'], 'unrecognized arguments'),
+                         (['--compile', 'maybe'], 'expected true or false')):
+        assert main(['train', '--data', 'd', *bad]) == 2
+        assert message in capsys.readouterr().err
+    assert main(['train-prior', '--help']) == 0
+    assert '--p-uncond-prior' in capsys.readouterr().out and len(seen) == 2
 
 
 def test_webdataset_shards_with_filters(tmp_path):
@@ -209,13 +227,14 @@ def test_webdataset_shards_with_filters(tmp_path):
     captions = {next(stream)['caption'] for _ in range(40)}
     assert 'a red circle' not in captions and len(captions) == 7   # the watermarked sample is filtered out
     cfg = config('vqgan', tmp_path, data=urls, image_size=32, steps=3, batch_size=4, log_every=1,
-                 filters='{"max_watermark": 0.5}')
+                 filters={'max_watermark': 0.5})
     train(cfg)
     assert [r['step'] for r in logged(cfg.out)] == [1, 2, 3]
 
 
 def test_preencode_then_train_with_samples_and_ema(tmp_path, minilm):
-    from paella.data import Preencoded, preencode
+    from paella.data import Preencoded
+    from paella.train import preencode
     folder = synth.image_folder(tmp_path / 'shapes', 32)
     (tmp_path / 'vq').mkdir()
     torch.manual_seed(0)
@@ -276,7 +295,7 @@ def test_freeze_trains_only_the_rest(tmp_path):
 
 
 def test_init_grows_a_decoder_that_starts_as_the_old_one(tmp_path, capsys):
-    from paella.train import init_from
+    from paella.train.state import init_from
     folder = synth.image_folder(tmp_path / 'shapes')
     torch.manual_seed(0)
     old = VQModel(VQModel.make_config('tiny'))
@@ -293,7 +312,7 @@ def test_init_grows_a_decoder_that_starts_as_the_old_one(tmp_path, capsys):
         assert torch.equal(grown.eval()(x)[0], old(x)[0])
     frozen = 'in_block,down_blocks,vquantizer'
     cfg = config('vqgan', tmp_path, data=str(folder), image_size=32, steps=2, batch_size=4, init=str(tmp_path / 'vq0'),
-                 model_config='{"decoder_blocks": 3}', freeze=frozen)
+                 model={'decoder_blocks': 3}, freeze=frozen)
     trained = train(cfg)
     assert trained.config.decoder_blocks == 3
     assert torch.equal(trained.encode_indices(x), old.encode_indices(x))       # the tokens stay the same
@@ -306,7 +325,8 @@ def test_init_grows_a_decoder_that_starts_as_the_old_one(tmp_path, capsys):
 def vq_losses(tmp_path, x, **weights):
     """{value: (task, loss on x)} for VQGAN recipes that differ only in one loss weight, from the same
     initial model: ``weights`` is {name: values}."""
-    from paella.train import Slice, VQTask
+    from paella.train.distributed import Slice
+    from paella.train.recipes import VQTask
     (name, values), = weights.items()
     folder, out, state = synth.image_folder(tmp_path / 'shapes'), {}, None
     for w in values:

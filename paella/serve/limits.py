@@ -14,7 +14,7 @@ FORMATS = ('PNG', 'JPEG', 'WEBP', 'GIF', 'BMP')     # decoders an upload may rea
 
 @dataclass
 class Limits:
-    max_steps: int = 50
+    max_steps: int = 50             # sampling steps per request
     max_size: int = 512             # largest canvas / uploaded image side, pixels
     max_images: int = 8             # images per request
     max_prompt: int = 300           # characters per prompt

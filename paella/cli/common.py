@@ -1,0 +1,66 @@
+"""What several commands share: loading a pipeline quietly, value types for flags, Settings overrides."""
+import argparse
+import sys
+
+
+def quiet_transformers():
+    """No per-file progress bars or load reports from transformers in the command's output."""
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def load_pipeline(args, **kwargs):
+    from ..pipeline import Pipeline
+    quiet_transformers()
+    return Pipeline.from_pretrained(args.model, device=args.device, **kwargs)
+
+
+def print_skipped(skipped):
+    for name, why in skipped:
+        print(f"skipped {name}: {why}", file=sys.stderr)
+
+
+def parse_cfg(text):
+    """--cfg: one guidance scale, or START,END for a linear schedule over the steps."""
+    try:
+        values = tuple(float(v) for v in text.split(','))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected a number or START,END such as 3,1.25, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def parse_size(text):
+    """'128x64' -> (128, 64)."""
+    try:
+        w, h = (int(v) for v in text.lower().split('x'))
+        return w, h
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 128x64, got {text!r}") from None
+
+
+def box_or_mask(text):
+    """'x0,y0,x1,y1' -> a box; anything else is a mask image's path."""
+    parts = text.split(',')
+    if len(parts) == 4 and all(p.strip().lstrip('-').isdigit() for p in parts):
+        return tuple(int(v) for v in parts)
+    return text
+
+
+def position(text):
+    """'center', 'top-left', ... or 'X,Y'."""
+    return tuple(int(v) for v in text.split(',')) if ',' in text else text
+
+
+def overrides(args):
+    """--steps / --cfg as Settings overrides, where given."""
+    return {k: v for k, v in (('steps', args.steps), ('cfg', args.cfg)) if v is not None}

@@ -1,0 +1,190 @@
+"""Commands that make models and data: info / convert / convert-v3 / assemble, preencode, restored-pairs,
+train / train-vq / train-prior, and the emoji recipe's data and eval."""
+import argparse
+import json
+
+from .. import flags
+from .common import load_pipeline, overrides, parse_cfg, positive, print_skipped, quiet_transformers
+
+
+def checkpoint_args(p):
+    p.add_argument('checkpoint', help='model folder, .safetensors file or official .pt file')
+    p.add_argument('--model', choices=['paella', 'vqgan'], help='model type (detected from the weights by default)')
+    p.add_argument('--preset', help='size preset for files without a config (default: v3 / f4)')
+
+
+def load_model(args):
+    from ..checkpoint import model_type_of
+    from ..model import Paella
+    from ..vq import VQModel
+    kind = args.model or model_type_of(args.checkpoint)
+    return (Paella if kind == 'paella' else VQModel).from_pretrained(args.checkpoint, preset=args.preset)
+
+
+def cmd_info(args):
+    from dataclasses import asdict
+    model = load_model(args)
+    print(json.dumps({'model_type': model.model_type, 'parameters': model.num_parameters(),
+                      'config': asdict(model.config)}, indent=2))
+
+
+def cmd_convert(args):
+    model = load_model(args)
+    folder = model.save_pretrained(args.out)
+    print(f"wrote {model.model_type} ({model.num_parameters():,} parameters) to {folder}/")
+
+
+def parse_convert(p):
+    checkpoint_args(p)
+    if p.prog.endswith(' convert'):
+        p.add_argument('out', help='output folder: model.safetensors + config.json')
+
+
+def parse_convert_v3(p):
+    p.add_argument('out', help='output pipeline folder')
+    p.add_argument('--paella', required=True, help='paella_v3.pt')
+    p.add_argument('--vqgan', required=True, help='vqgan_f4.pt')
+    p.add_argument('--prior', required=True, help='prior_v1.pt')
+    p.add_argument('--byt5', default='google/byt5-xl', help='ByT5 name or local folder (default: %(default)s)')
+    p.add_argument('--clip', default='laion/CLIP-ViT-H-14-laion2B-s32B-b79K',
+                   help='CLIP (transformers format) name or local folder (default: %(default)s)')
+    p.add_argument('--preset', help=argparse.SUPPRESS)      # tests: tiny models of the same architecture
+
+
+def cmd_convert_v3(args):
+    from ..pipeline import Pipeline
+    quiet_transformers()
+    pipe = Pipeline.v3(args.paella, args.vqgan, args.prior, byt5=args.byt5, clip=args.clip, preset=args.preset)
+    print(f"wrote the Paella v3 pipeline to {pipe.save_pretrained(args.out)}/")
+
+
+def parse_assemble(p):
+    from ..pipeline import Settings
+    p.add_argument('out', help='output pipeline folder')
+    p.add_argument('--generator', required=True, help='generator model folder (e.g. runs/gen/ema)')
+    p.add_argument('--vqgan', required=True, help='VQGAN model folder')
+    p.add_argument('--text-encoder', default='minilm', help="minilm, minilm:<folder> or byt5:<path> (default: minilm)")
+    p.add_argument('--pad-to', type=int, default=24, help='text tokens per prompt, as in training (default: 24)')
+    p.add_argument('--image-size', type=int, default=64)
+    flags.add_dotted(p, ['--settings'], Settings, 'sampling settings, e.g. --settings.steps 12 --settings.cfg 3')
+    p.add_argument('--half', action='store_true', help='store the weights in float16')
+
+
+def cmd_assemble(args):
+    import torch
+    from ..pipeline import Pipeline
+    quiet_transformers()
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in flags.dotted(args, 'settings').items()}
+    pipe = Pipeline.assemble(args.generator, args.vqgan, args.text_encoder, args.pad_to, args.image_size, **settings)
+    pipe.save_pretrained(args.out, dtype=torch.float16 if args.half else None)
+    print(f"wrote the pipeline to {args.out}/")
+
+
+def parse_preencode(p):
+    p.add_argument('data', help='image folder with captions')
+    p.add_argument('out', help='output .safetensors file')
+    p.add_argument('--vqgan', required=True, help='VQGAN model folder')
+    p.add_argument('--text-encoder', default='minilm', help="minilm, byt5:<path> or none (default: minilm)")
+    p.add_argument('--clip', help='CLIP model (transformers format) for clip_text / clip_image')
+    p.add_argument('--image-size', type=int, default=64)
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--device')
+
+
+def cmd_preencode(args):
+    import torch
+    from ..conditioning import clip_encoder, encoder_spec, load_text_encoder
+    from ..train import preencode
+    from ..vq import VQModel
+    quiet_transformers()
+    spec = encoder_spec(args.text_encoder)            # a typo is an error before any model loads
+    vq = VQModel.from_pretrained(args.vqgan, device=args.device, dtype=torch.float32)   # also half-saved ones
+    text = None if spec is None else load_text_encoder(spec, args.device)
+    clip = clip_encoder(args.clip, device=args.device) if args.clip else None
+    n, skipped = preencode(args.data, args.out, vq, text, clip, args.image_size, args.batch_size, args.device)
+    print_skipped(skipped)
+    print(f"wrote {n} samples to {args.out} ({len(skipped)} skipped)")
+
+
+def parse_restored_pairs(p):
+    p.add_argument('data', help='image folder with captions')
+    p.add_argument('out', help='output .safetensors file')
+    p.add_argument('--model', help='pipeline folder (default: the shipped emoji model)')
+    p.add_argument('--strength', type=float, default=1.0,
+                   help="noise level the tokens are restored from (1: generated from the caption; default 1)")
+    p.add_argument('--copies', type=int, default=1, help='restored rows per image, besides its own tokens (default 1)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--device')
+
+
+def cmd_restored_pairs(args):
+    from ..train import restored_pairs
+    pipe = load_pipeline(args)
+    n, skipped = restored_pairs(args.data, args.out, pipe, args.strength, args.copies, args.seed, args.batch_size)
+    print_skipped(skipped)
+    print(f"wrote {n} token/image pairs to {args.out} ({len(skipped)} skipped)")
+
+
+TRAIN = {'train': 'generator', 'train-vq': 'vqgan', 'train-prior': 'prior'}
+
+
+def parse_train(p):
+    from ..data import webdataset_filter
+    from ..train import RECIPES
+    recipe = RECIPES[TRAIN[p.prog.split()[-1]]]
+    flags.add_config(p, recipe.config, nested={'model': recipe.model, 'filters': webdataset_filter},
+                     aliases={'model': ['--model-config']})
+    p.epilog = f"Several processes: torchrun --nproc_per_node=N -m paella.cli {p.prog.split()[-1]} ..."
+
+
+def cmd_train(args):
+    import torch.distributed as dist
+    from ..train import RECIPES, train
+    cfg = flags.read_config(RECIPES[TRAIN[args.command]].config, args, nested=('model', 'filters'))
+    train(cfg)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parse_eval(p):
+    p.add_argument('--model', help='pipeline folder (default: the shipped emoji model)')
+    p.add_argument('--data', help='real renders (a paella data folder; default: built on the fly)')
+    p.add_argument('--n', type=int, default=200)
+    p.add_argument('--seed', type=int, default=0, help='picks the scored emoji and seeds the samples')
+    p.add_argument('--seeds', type=positive, default=1, metavar='K',
+                   help='evaluate seeds SEED .. SEED+K-1: one report line each, then mean / min / max')
+    p.add_argument('--steps', type=int)
+    p.add_argument('--cfg', type=parse_cfg)
+    p.add_argument('--regional', type=int, metavar='TRIALS',
+                   help='instead: the regional-prompt check over this many seeded trials (e.g. 20)')
+    p.add_argument('--device', help=argparse.SUPPRESS)
+
+
+def cmd_eval(args):
+    from paella_openmoji import eval_lines
+    pipe = load_pipeline(args)
+    for line in eval_lines(pipe, args.data, args.n, args.seed, args.seeds, args.regional, **overrides(args)):
+        print(line, flush=True)
+
+
+def parse_data(p):
+    p.add_argument('name', choices=['openmoji'], help='openmoji: OpenMoji SVGs with Unicode names')
+    p.add_argument('--out', required=True, help='output image folder')
+    p.add_argument('--size', type=int, default=64)
+    p.add_argument('--skin-tones', action='store_true', help='keep the skin-tone variants too')
+    p.add_argument('--aliases', action='store_true',
+                   help="extra caption rows from the emoji package's short names (eval paraphrases excluded)")
+    p.add_argument('--keywords', nargs='+', metavar='JSON', default=(),
+                   help='extra caption rows from CLDR annotation files (npm cldr-annotations-full: '
+                        'annotations/en/annotations.json; eval paraphrases excluded)')
+    p.add_argument('--name-rows', type=int, default=1, metavar='N',
+                   help="write each name row N times (the names' share beside many extra captions)")
+    p.add_argument('--limit', type=int, help='only the first N emoji')
+
+
+def cmd_data(args):
+    from paella_openmoji import ATTRIBUTION, build_dataset
+    n = build_dataset(args.out, args.size, skin_tones=args.skin_tones, limit=args.limit, aliases=args.aliases,
+                      keywords=args.keywords, name_rows=args.name_rows)
+    print(f"wrote {n} emoji at {args.size}x{args.size} to {args.out}/ (metadata.jsonl)\n{ATTRIBUTION}")

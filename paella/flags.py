@@ -1,0 +1,154 @@
+"""One flag grammar for every command: argparse flags generated from a config dataclass.
+
+A field ``batch_size: int = 32`` becomes ``--batch-size 32``; a tuple takes several values
+(``--betas 0.9 0.95``); a bool takes an optional value (``--compile``, ``--tensorboard false``); a dict
+field whose keys are the arguments of another callable (a model config, a filter function) takes dotted
+keys (``--model.dropout 0``, ``--filters.min-size 512``), collected into the dict. Help comes from the
+comment on the field's line in the dataclass source, so the dataclass stays the one place a setting is
+described. Old spellings keep working: underscores in a flag's name (``--batch_size=32``) and a whole dict
+as JSON (``--model '{"dropout": 0}'``).
+"""
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import textwrap
+
+
+def parse_bool(text):
+    if text.lower() in ('1', 'true', 'yes', 'on'):
+        return True
+    if text.lower() in ('0', 'false', 'no', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_json(text):
+    """A JSON value where the text is one (null, 3, [1, 2]), the text itself otherwise."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_dict(text):
+    value = parse_json(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"dropout\": 0}}', got {text!r}")
+    return value
+
+
+def field_comments(cls):
+    """{field name: the comment on its line and the comment-only lines below it} from the source of the
+    class and of the dataclasses it extends."""
+    comments = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            comments.update(own_comments(base))
+    return comments
+
+
+def own_comments(cls):
+    try:
+        lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
+    except (OSError, TypeError):
+        return {}
+    comments = {}
+    for node in ast.parse('\n'.join(lines)).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            parts, i = [], node.end_lineno - 1
+            while i < len(lines) and '#' in lines[i] and (i == node.end_lineno - 1 or lines[i].strip()[0] == '#'):
+                parts.append(lines[i].split('#', 1)[1].strip())
+                i += 1
+            comments[node.target.id] = ' '.join(parts).replace('%', '%%')   # argparse formats help with %
+    return comments
+
+
+class OneOrMore(argparse.Action):
+    """A number or a schedule (``--cfg 3`` or ``--cfg 3 1.25``): one value stored as is, more as a tuple."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else tuple(values))
+
+
+def flag_options(default, help_='', annotation=''):
+    """add_argument options for a value whose default is ``default`` (``annotation``: its declared type,
+    where a scalar may also be a tuple)."""
+    if isinstance(default, bool):
+        return dict(type=parse_bool, nargs='?', const=True, metavar='BOOL', help=help_)
+    if isinstance(default, (tuple, list)):
+        kind = type(default[0]) if default and not isinstance(default[0], (list, dict, bool)) else parse_json
+        return dict(type=kind, nargs='+', help=help_)
+    if isinstance(default, (int, float, str)):
+        if 'tuple' in str(annotation) or 'list' in str(annotation):
+            return dict(type=type(default), nargs='+', action=OneOrMore, help=help_)
+        return dict(type=type(default), help=help_)
+    return dict(type=parse_json, help=help_)
+
+
+def defaults_of(source):
+    """{argument: default} of a dataclass or a function (a default None becomes JSON-typed)."""
+    if dataclasses.is_dataclass(source):
+        return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(source)}
+    return {k: p.default for k, p in inspect.signature(source).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def annotations_of(source):
+    return {f.name: f.type for f in dataclasses.fields(source)} if dataclasses.is_dataclass(source) else {}
+
+
+def add_config(parser, cls, nested=None, aliases=None):
+    """Flags for every field of the dataclass ``cls``. ``nested``: {dict field: the dataclass or function
+    whose arguments are its dotted keys}; ``aliases``: {field: [more flag names]}. `read_config` turns the
+    parsed arguments back into a ``cls``."""
+    comments, nested, aliases = field_comments(cls), nested or {}, aliases or {}
+    types = annotations_of(cls)
+    for name, default in defaults_of(cls).items():
+        names = ['--' + name.replace('_', '-'), *aliases.get(name, ())]
+        if name in nested:
+            add_dotted(parser, names, nested[name], comments.get(name, ''))
+        else:
+            shown = comments.get(name, '') + (' (default: %(default)s)' if default not in ('', None) else '')
+            parser.add_argument(*names, default=default, **flag_options(default, shown.strip(), types[name]))
+    return parser
+
+
+def add_dotted(parser, names, source, help_=''):
+    """``--name JSON`` and ``--name.key VALUE`` for every argument of ``source``; read with `dotted`."""
+    dest = names[0][2:].replace('-', '_')
+    keys, types = defaults_of(source), annotations_of(source)
+    help_ = f"{help_} (--{names[0][2:]}.KEY VALUE, or all as JSON; keys: {', '.join(k.replace('_', '-') for k in keys)})"
+    parser.add_argument(*names, dest=dest, type=parse_dict, default={}, metavar='JSON', help=help_.strip())
+    for key, value in keys.items():
+        parser.add_argument(f"{names[0]}.{key.replace('_', '-')}", dest=f'{dest}.{key}', default=None,
+                            **flag_options(value, argparse.SUPPRESS, types.get(key, '')))
+
+
+def dotted(args, name):
+    """The dict of ``--name``: its JSON, then the dotted keys given."""
+    value, prefix = dict(getattr(args, name)), name + '.'
+    value.update({k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None})
+    return value
+
+
+def read_config(cls, args, nested=()):
+    """The ``cls`` the parsed ``args`` describe (``nested``: its dict fields with dotted keys)."""
+    values = {}
+    for name in defaults_of(cls):
+        value = dotted(args, name) if name in nested else getattr(args, name)
+        values[name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
+
+
+def normalize(argv):
+    """Old spellings: ``--batch_size=32`` -> ``--batch-size=32`` (underscores in the name only)."""
+    out = []
+    for arg in argv:
+        if arg.startswith('--'):
+            name, eq, value = arg.partition('=')
+            arg = name.replace('_', '-') + eq + value
+        out.append(arg)
+    return out

@@ -1,0 +1,67 @@
+"""What every training run shares: data, output, optimisation, precision, scale, logging and saving.
+
+Each recipe (paella.train.recipes) extends `TrainConfig` with its own fields and defaults; the command
+line flags are generated from these dataclasses (paella.flags), with help from the comments below.
+"""
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    data: str = ''                  # image folder, webdataset shards (.tar, {000..099}.tar) or a
+                                    # pre-encoded .safetensors file (paella preencode)
+    out: str = 'runs/paella'        # checkpoints, exported model folders, metrics.jsonl
+    preset: str = 'small'           # model size preset
+    model: dict = field(default_factory=dict)    # model config over the preset, e.g. --model.c-cond 512
+    filters: dict = field(default_factory=dict)  # shards: data.webdataset_filter options, e.g. --filters.min-size 512
+    init: str = ''                  # start from these weights (a model folder) instead of random ones
+    freeze: str = ''                # parameters to keep fixed: comma-separated name prefixes, e.g.
+                                    # in_block,down_blocks,vquantizer trains a VQGAN's decoder alone
+    image_size: int = 64
+    batch_size: int = 32            # global, over all processes and accumulation steps
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 3e-4
+    warmup: int = 100
+    lr_schedule: str = 'constant'   # after the warm-up: constant (published) or cosine (to lr / 10)
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 1.0
+    precision: str = 'bf16'         # fp32, bf16 or fp16 (with a grad scaler)
+    ema: float = 0.0                # EMA decay of the weights (0: no EMA)
+    ema_start: int = 0              # copy the weights into the EMA until this step
+    compile: bool = False           # torch.compile the model
+    fsdp: bool = False              # shard parameters, gradients and optimizer state over processes
+    seed: int = 0
+    num_workers: int = 0            # data loader processes
+    log_every: int = 10
+    save_every: int = 500
+    keep: int = 3                   # checkpoints kept
+    sample_every: int = 0           # generator: a sample grid every this many steps (0: never)
+    tensorboard: bool = True
+    wandb: str = ''                 # a wandb project name to log to (optional)
+
+    def check(self, world):
+        """Errors a run would otherwise meet late, or never (a silent wrong setting)."""
+        if not self.data:
+            raise ValueError("--data (an image folder, shards or a pre-encoded .safetensors file) is required")
+        if self.batch_size % (world * self.grad_accum):
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by processes x grad_accum "
+                             f"= {world} x {self.grad_accum}")
+        if self.precision not in ('fp32', 'bf16', 'fp16'):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.lr_schedule not in ('constant', 'cosine'):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.fsdp and world > 1 and self.ema:
+            raise ValueError("fsdp is for the generator and the prior, without ema (keep ema=0)")
+
+
+def lr_factor(cfg, step):
+    """Linear warm-up, then constant or a cosine decay to a tenth at cfg.steps."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if cfg.lr_schedule == 'cosine':
+        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0

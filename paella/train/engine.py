@@ -1,0 +1,186 @@
+"""One training loop for every recipe and every scale: 1 CPU, 1 GPU, or N GPUs on M nodes (torchrun).
+
+Distributed training is read from the environment torchrun sets; rank 0 alone logs and saves. The
+loop is the published one (sample noise, predict, weighted loss, AdamW step) plus what a long run needs:
+mixed precision, gradient accumulation, resuming from the newest checkpoint, and hooks after each step
+(the recipe's own work, the EMA, logging, checkpoints, sample grids) in that order.
+"""
+import copy
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..data import StepSampler, collate
+from . import distributed, state
+from .config import lr_factor
+from .log import Logger
+from .recipes import task_for
+
+
+class Run:
+    """Everything the loop and its hooks share; ``step`` counts the optimizer steps done."""
+
+    def __init__(self, cfg, task, rank, world, device):
+        self.cfg, self.task, self.model = cfg, task, task.model
+        self.rank, self.world, self.device = rank, world, device
+        self.fsdp = cfg.fsdp and world > 1
+        self.out, self.step, self.logger = Path(cfg.out), 0, None
+
+
+def train(cfg):
+    """Train the recipe of ``cfg`` (a config of paella.train.recipes) until cfg.steps, resuming from the
+    newest checkpoint in cfg.out if there is one. Returns the model (unwrapped)."""
+    rank, world, device = distributed.setup()
+    cfg.check(world)
+    torch.manual_seed(cfg.seed)                       # identical initial weights on every rank
+    run = Run(cfg, task_for(cfg)(cfg, device), rank, world, device)
+    if cfg.init:
+        state.init_from(run.model, cfg.init, log=rank == 0)
+    resume = state.latest(cfg.out)
+    if resume is not None:
+        run.model.load_state_dict(resume['model'])
+    state.freeze(run.model, cfg.freeze, type(run.model).__name__).to(device)
+    run.ema = copy.deepcopy(run.model).eval().requires_grad_(False) if cfg.ema else None
+    if run.fsdp:
+        distributed.shard(run.model, device, world)  # before the optimizer sees the parameters
+    run.opt = torch.optim.AdamW([p for p in run.model.parameters() if p.requires_grad], lr=cfg.lr,
+                                betas=cfg.betas, weight_decay=cfg.weight_decay, fused=device.type == 'cuda')
+    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lambda s: lr_factor(cfg, s))
+    run.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == 'fp16')
+    if resume is not None:
+        load(run, resume)
+        del resume
+    if run.step < cfg.steps:
+        loop(run)
+    if world > 1:
+        dist.barrier()
+    return run.model
+
+
+def load(run, ck):
+    """Continue where the checkpoint ``ck`` stopped: optimizer, schedule, scaler, task state, RNG."""
+    if run.ema is not None and ck.get('ema') is not None:
+        run.ema.load_state_dict(ck['ema'])
+    distributed.load_optimizer(run.model, run.opt, ck['optimizer'], run.fsdp)
+    run.sched.load_state_dict(ck['scheduler'])
+    run.scaler.load_state_dict(ck['scaler'])
+    run.task.load_state_dict(ck['task'])
+    torch.set_rng_state(ck['rng']['torch'])
+    run.step = ck['step']
+    if run.rank == 0:
+        print(f"resuming from {state.checkpoints(run.out)[-1]} at step {run.step}")
+
+
+def batches(run):
+    """Micro-batches of this rank: a pure function of (seed, position) for map-style data, so a resumed
+    run reads exactly what an uninterrupted one would; a resampled shard stream resumes with fresh draws."""
+    cfg, dataset = run.cfg, run.task.dataset
+    micro_global = cfg.batch_size // cfg.grad_accum
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=micro_global // run.world, collate_fn=collate,
+                                             num_workers=cfg.num_workers)
+    else:
+        sampler = StepSampler(len(dataset), micro_global, run.rank, run.world, cfg.seed, run.step * cfg.grad_accum)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    return iter(loader)
+
+
+def loop(run):
+    from tqdm import tqdm
+    cfg, model, rank = run.cfg, run.model, run.rank
+    wrapped = distributed.wrap(model, run.device, run.world, run.fsdp, cfg.compile)
+    data = batches(run)
+    autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16 if cfg.precision == 'bf16' else torch.float16)
+                if cfg.precision != 'fp32' else nullcontext())
+    if rank == 0:
+        state.write_config(cfg)
+        run.logger = Logger(cfg, run.out, run.step)
+    run.skipped, run.seen, run.t0 = 0, 0, time.perf_counter()
+    micro_global = cfg.batch_size // cfg.grad_accum
+    bar = tqdm(range(run.step, cfg.steps), initial=run.step, total=cfg.steps, disable=rank != 0,
+               dynamic_ncols=True, mininterval=1.0)
+    for step in bar:
+        torch.manual_seed(distributed.seed_of(cfg.seed, step, rank, 1))   # dropout; all else draws from `s`
+        totals = {}
+        for micro in range(cfg.grad_accum):
+            batch, bad = next(data)
+            note_skipped(run, step, bad)
+            n = len(next(iter(batch.values()))) if batch else 0
+            s = distributed.Slice(rank * (micro_global // run.world), n, micro_global,
+                                  torch.Generator().manual_seed(distributed.seed_of(cfg.seed, step, micro)))
+            last = micro == cfg.grad_accum - 1
+            if run.fsdp:
+                model.set_requires_gradient_sync(last)
+            # gradients are all-reduced once per step, on the last micro-batch
+            with nullcontext() if run.world == 1 or run.fsdp or last else wrapped.no_sync():
+                if n:
+                    with autocast:
+                        loss, metrics = run.task.loss(wrapped, batch, s)
+                else:       # every sample of this slice was bad: join the gradient all-reduce with zeros
+                    loss, metrics = sum(p.sum() for p in model.parameters()) * 0.0, {}
+                run.scaler.scale(loss / cfg.grad_accum).backward()
+            run.seen += n * run.world
+            for k, v in {'loss': loss.item(), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+        run.scaler.unscale_(run.opt)                  # clip the true gradients, not the fp16-scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        run.sched.step()
+        run.opt.zero_grad(set_to_none=True)
+        run.step = step + 1
+        run.task.after_step(step, model)
+        for hook in (update_ema, log, save, samples):
+            hook(run, {**totals, 'grad_norm': float(grad_norm)}, bar)
+    if rank == 0:
+        run.logger.close()
+        if run.skipped:
+            print(f"skipped {run.skipped} bad samples; see {run.out / 'skipped.log'}")
+
+
+def note_skipped(run, step, bad):
+    """Bad samples never stop a run: rank 0 lists them in skipped.log; unreadable captions are kept."""
+    if bad and run.rank == 0:
+        with open(run.out / 'skipped.log', 'a') as f:
+            f.writelines(f'step {step}: {name}: {why}\n' for name, why in bad)
+    run.skipped += sum(1 for _, why in bad if not why.startswith('caption'))
+
+
+def due(run, every):
+    return run.step % every == 0 or run.step == run.cfg.steps
+
+
+@torch.no_grad()
+def update_ema(run, metrics, bar):
+    if run.ema is not None:
+        decay = 0.0 if run.step - 1 < run.cfg.ema_start else run.cfg.ema
+        for pe, pm in zip(run.ema.parameters(), run.model.parameters()):
+            pe.lerp_(pm.detach(), 1 - decay)
+
+
+def log(run, metrics, bar):
+    if run.rank != 0:
+        return
+    run.logger.add(metrics)
+    if due(run, run.cfg.log_every):
+        line = run.logger.flush(run.step, lr=run.sched.get_last_lr()[0],
+                                samples_per_s=run.seen / (time.perf_counter() - run.t0), skipped=run.skipped)
+        bar.set_postfix({k: f'{v:.4g}' if isinstance(v, float) else v for k, v in line.items()}, refresh=False)
+
+
+def save(run, metrics, bar):
+    if due(run, run.cfg.save_every):
+        states = distributed.full_states(run.model, run.opt, run.fsdp)   # under FSDP every rank takes part
+        if run.rank == 0:
+            state.save(run, *states)
+
+
+def samples(run, metrics, bar):
+    if run.rank == 0 and run.cfg.sample_every and due(run, run.cfg.sample_every) and hasattr(run.task, 'samples'):
+        run.task.samples((run.ema if run.ema is not None else run.model).eval(), run.step, run.out)
+        state.train_mode(run.model, run.cfg.freeze)

@@ -1,0 +1,274 @@
+"""The three things `paella train` can train, each a config (its own settings over `TrainConfig`) and a
+task: it builds ``model`` and ``dataset``, computes the ``loss`` of a micro-batch, and may do work after
+each optimizer step and keep state in checkpoints.
+
+Every random draw of a step comes from ``s`` (a `distributed.Slice`): drawn for the whole global batch
+and sliced for this process, so a run split over more processes computes the same step.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..data import ImageFolder, Preencoded, is_shards, webdataset_images
+from ..model import Paella, PaellaConfig, text_pool
+from ..noise import add_noise, check_token_range, loss_weight
+from ..prior import CosineSchedule, PriorConfig, PriorModel
+from ..vq import VQConfig, VQModel
+from .config import TrainConfig
+from .distributed import seed_of
+
+
+@dataclass
+class GeneratorConfig(TrainConfig):
+    recipe: ClassVar[str] = 'generator'
+    warmup: int = 200
+    vqgan: str = ''                 # on raw images: the frozen VQGAN's folder
+    text_encoder: str = 'minilm'    # on raw images: minilm, minilm:<folder> or byt5:<name or folder>
+    label_smoothing: float = 0.1
+    min_loss_weight: float = 0.3    # the loss weight of a token at noise level t is max(t, this)
+    p_uncond_text: float = 0.05     # empty prompt instead of the caption, per batch
+    p_drop_tokens: float = 0.0      # pooled_text models: the empty prompt's token states but the caption's
+                                    # pooled vector, per sample (the model learns to draw from the pooled one)
+    p_drop_clip: float = 0.9        # CLIP text embedding of the empty prompt instead of the caption's
+    p_drop_clip_image: float = 0.9  # no CLIP image embedding
+
+
+@dataclass
+class VQGANConfig(TrainConfig):
+    recipe: ClassVar[str] = 'vqgan'
+    weight_decay: float = 0.0
+    commit_weight: float = 0.25     # commitment loss weight (moves the encoder's outputs toward their codes)
+    l1_weight: float = 1.0          # reconstruction = l1_weight x L1 + MSE (0: MSE alone, what PSNR measures)
+    dead_code_every: int = 20       # restart codes unused for this many steps (0: never)
+
+
+@dataclass
+class PriorTrainConfig(TrainConfig):
+    recipe: ClassVar[str] = 'prior'
+    batch_size: int = 64
+    grad_clip: float = 5.0
+    ema: float = 0.999
+    p_uncond_prior: float = 0.1     # zero text embedding instead of the caption's, per batch
+
+
+def image_dataset(cfg):
+    """An image folder (map-style: exact resume) or webdataset shards (an endless resampled stream)."""
+    if is_shards(cfg.data):
+        return webdataset_images(cfg.data, cfg.image_size, seed=cfg.seed, **cfg.filters)
+    return ImageFolder(cfg.data, cfg.image_size, seed=cfg.seed)
+
+
+def on(device, *tensors):
+    return [None if x is None else x.to(device) for x in tensors]
+
+
+class Task:
+    """What every recipe has; ``samples(model, step, out)`` is optional (a grid of samples)."""
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, sd):
+        pass
+
+    def after_step(self, step, model):
+        pass
+
+
+class GeneratorTask(Task):
+    """Paella's recipe: frozen-VQGAN tokens, t ~ U(0, 1], random-token replacement, weighted cross-entropy."""
+
+    def __init__(self, cfg, device):
+        from ..conditioning import EmbeddingCache, load_text_encoder
+        self.cfg, self.device = cfg, device
+        if Path(cfg.data).suffix == '.safetensors':       # paella preencode: tokens and text states
+            self.dataset, self.encoder = Preencoded(cfg.data), None
+            self.uncond = self.dataset.extras.get('uncond_text')
+            width = self.dataset.tensors['text'].shape[-1]
+            self.vqgan_path = cfg.vqgan or self.dataset.meta.get('vqgan', '')
+        elif not cfg.vqgan:
+            raise ValueError("training the generator on images needs --vqgan <VQGAN folder> "
+                             "(or pre-encode the data with `paella preencode`)")
+        else:
+            self.dataset, self.vqgan_path = image_dataset(cfg), cfg.vqgan
+            self.encoder = load_text_encoder(cfg.text_encoder, device)
+            self.cache = EmbeddingCache(Path(cfg.out) / 'text-cache')
+            self.uncond = self.encoder.encode(['']).states.cpu()
+            width = self.encoder.width
+        self.vqgan = None if not self.vqgan_path else \
+            VQModel.from_pretrained(self.vqgan_path, device=device, dtype=torch.float32).requires_grad_(False)
+        overrides = dict(cfg.model)
+        if self.vqgan is not None:
+            overrides.setdefault('num_labels', self.vqgan.codebook_size)
+        overrides.setdefault('byt5_embd', width)
+        self.model = Paella(Paella.make_config(cfg.preset, **overrides))
+        if 'tokens' in getattr(self.dataset, 'tensors', {}):     # pre-encoded: checked once, not per step
+            check_token_range(self.dataset.tensors['tokens'], self.model.num_labels)
+
+    def loss(self, model, batch, s):
+        cfg = self.cfg
+        with torch.no_grad():
+            if 'tokens' in batch:
+                tokens, text = batch['tokens'].long(), batch['text'].float()
+            else:
+                tokens = self.vqgan.encode_indices(batch['image'].to(self.device)).cpu()
+                text = self.cache.text(self.encoder, batch['caption']).states
+            u = self.uncond.float()[:, :text.shape[1]]                            # (1, L', D), L' <= L
+            u = F.pad(u, (0, 0, 0, text.shape[1] - u.shape[1]))                    # (1, L, D)
+            if s.coin(cfg.p_uncond_text):         # the published conditioning dropout: the whole batch
+                text = u.expand_as(text)
+            clip = batch.get('clip')
+            if clip is not None and s.coin(cfg.p_drop_clip):
+                clip = self.dataset.extras['uncond_clip'].expand(len(clip), -1)
+            elif clip is None and self.model.config.pooled_text:
+                clip = text_pool(text)                                              # (b, D)
+                drop = (s.rand() < cfg.p_drop_tokens)[:, None, None]                # (b, 1, 1)
+                text = torch.where(drop, u, text)
+            clip_image = batch.get('clip_image')
+            if clip_image is not None and s.coin(cfg.p_drop_clip_image):
+                clip_image = None
+            b, h, w = tokens.shape
+            t = (1 - s.rand()).add(0.001).clamp(0.001, 1.0)                       # (b,) in (0, 1]
+            mask = (s.rand(h, w) <= t[:, None, None]).long()                       # (b, h, w): 1 = noised
+            noised, mask = add_noise(tokens, t, self.model.num_labels, mask=mask,
+                                     random_x=s.randint(self.model.num_labels, h, w))
+            weight = loss_weight(t, mask, cfg.min_loss_weight).to(self.device)
+        noised, t, text, clip, clip_image, tokens = on(self.device, noised, t, text, clip, clip_image, tokens)
+        logits = model(noised, t, text, clip, clip_image)                          # (b, K, h, w)
+        ce = F.cross_entropy(logits.float(), tokens, label_smoothing=cfg.label_smoothing, reduction='none')
+        loss = ((ce * weight).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))).mean()
+        return loss, {'acc': (logits.argmax(1) == tokens).float().mean().item()}
+
+    @torch.no_grad()
+    def samples(self, model, step, out):
+        """A grid of samples for the first 8 captions of the data, above their real tokens (needs the VQGAN)."""
+        from ..images import save_images, tokens_to_images
+        from ..sampler import sample
+        if self.vqgan is None or not isinstance(self.dataset, Preencoded):
+            return
+        n = min(8, len(self.dataset))
+        text = self.dataset.tensors['text'][:n].float().to(self.device)
+        h, w = self.dataset.tensors['tokens'].shape[1:]
+        uncond = {'byt5': self.uncond.float().to(self.device).expand(n, -1, -1)}
+        tokens = sample(model, {'byt5': text}, (n, h, w), uncond, steps=12, cfg=3.0,
+                        generator=torch.Generator(self.device).manual_seed(0))
+        target = self.dataset.tensors['tokens'][:n].long().to(self.device)
+        save_images(tokens_to_images(self.vqgan, torch.cat([tokens, target])), out / f'samples/{step:07d}.png', True)
+
+
+class VQTask(Task):
+    """Reconstruction (l1_weight x L1 + MSE) + codebook and commitment losses, with dead-code restarts."""
+
+    def __init__(self, cfg, device):
+        self.cfg, self.device = cfg, device
+        self.pairs = cfg.data.endswith('.safetensors')
+        if cfg.fsdp:
+            raise ValueError("fsdp is for the generator and the prior (the VQGAN is small: plain DDP)")
+        if self.pairs:
+            # `paella restored-pairs`: given tokens -> their image; the encoder and codebook take no part.
+            self.dataset = Preencoded(cfg.data)
+            if not {'tokens', 'image'} <= set(self.dataset.tensors):
+                raise ValueError(f"{cfg.data} needs 'tokens' and 'image' tensors (paella restored-pairs) "
+                                 "to train a VQGAN on it")
+            if not cfg.freeze:
+                raise ValueError("training on token/image pairs trains the decoder alone: "
+                                 "pass --freeze in_block,down_blocks,vquantizer")
+        else:
+            self.dataset = image_dataset(cfg)
+        self.model = VQModel(VQModel.make_config(cfg.preset, **cfg.model))
+        self.usage = torch.zeros(self.model.codebook_size, dtype=torch.long)   # (K,) uses since the last restart
+        self.latents = None
+
+    def state_dict(self):
+        return {'usage': self.usage}
+
+    def load_state_dict(self, sd):
+        self.usage = sd['usage']
+
+    def loss(self, model, batch, s):
+        if self.pairs:
+            x = batch['image'].to(self.device).float() / 255                # (b, 3, H, W)
+            recon = model(indices=batch['tokens'].long().to(self.device))
+            loss, metrics = 0, {}
+        else:
+            x = batch['image'].to(self.device)
+            recon, (codebook, commitment), idx, latent = model(x, details=True)   # through DDP, if any
+            # the codebook loss moves the codes toward the encoder's outputs; the commitment loss (weighted)
+            # moves the encoder's outputs toward their codes
+            loss = codebook + self.cfg.commit_weight * commitment
+            counts = torch.bincount(idx.flatten().cpu(), minlength=self.usage.numel())
+            self.usage += counts
+            self.latents = (latent * self.model.scale_factor).detach().permute(0, 2, 3, 1).reshape(-1, latent.shape[1])
+            p = counts.float() / counts.sum()
+            metrics = {'used': int((counts > 0).sum()),
+                       'perplexity': float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))}
+        loss = loss + self.cfg.l1_weight * F.l1_loss(recon.float(), x) + F.mse_loss(recon.float(), x)
+        mse = F.mse_loss(recon.detach().float().clamp(0, 1), x)
+        return loss, {'psnr': (10 * torch.log10(1 / mse)).item(), **metrics}
+
+    @torch.no_grad()
+    def after_step(self, step, model):
+        every = self.cfg.dead_code_every
+        if not every or (step + 1) % every or not model.vquantizer.codebook.weight.requires_grad:
+            return
+        usage = self.usage.to(self.device)
+        if dist.is_initialized():
+            dist.all_reduce(usage)
+        codebook = model.vquantizer.codebook.weight
+        dead = (usage == 0).nonzero()[:, 0]
+        if len(dead) and self.latents is not None:
+            # Restart each dead code at an encoder output of this batch, picked by the step's seed.
+            g = torch.Generator().manual_seed(seed_of(self.cfg.seed, step, 7))
+            pick = torch.randint(0, len(self.latents), (len(dead),), generator=g).to(self.latents.device)
+            codebook.data[dead] = self.latents[pick].to(codebook.dtype)
+            if dist.is_initialized():
+                dist.broadcast(codebook.data, src=0)
+        self.usage.zero_()
+
+
+class PriorTask(Task):
+    """Noise prediction on CLIP image embeddings noised with the cosine schedule, given text embeddings."""
+
+    def __init__(self, cfg, device):
+        self.cfg, self.device = cfg, device
+        self.dataset = Preencoded(cfg.data)
+        if not {'clip_text', 'clip_image'} <= set(self.dataset.tensors):
+            raise ValueError(f"{cfg.data} needs 'clip_text' and 'clip_image' tensors to train the prior")
+        overrides = {'clip_r': self.dataset.tensors['clip_text'].shape[1], **cfg.model}
+        self.model = PriorModel(PriorModel.make_config(cfg.preset, **overrides))
+        self.schedule = CosineSchedule()
+
+    def loss(self, model, batch, s):
+        image, text = batch['clip_image'].float(), batch['clip_text'].float()         # (b, D), (b, D)
+        if s.coin(self.cfg.p_uncond_prior):
+            text = torch.zeros_like(text)
+        t = 1 - s.rand()
+        noised, noise = self.schedule.diffuse(image, t, s.randn(image.shape[1]))
+        noised, t, text, noise = on(self.device, noised, t, text, noise)
+        return F.mse_loss(model(noised, t, text).float(), noise), {}
+
+
+class Recipe(NamedTuple):
+    config: type        # its settings (a TrainConfig)
+    task: type
+    model: type         # the model config whose fields the --model.* flags set
+
+
+RECIPES = {
+    'generator': Recipe(GeneratorConfig, GeneratorTask, PaellaConfig),
+    'vqgan': Recipe(VQGANConfig, VQTask, VQConfig),
+    'prior': Recipe(PriorTrainConfig, PriorTask, PriorConfig),
+}
+
+
+def task_for(cfg):
+    """The task class of a recipe's config."""
+    for recipe in RECIPES.values():
+        if type(cfg) is recipe.config:
+            return recipe.task
+    raise TypeError(f"{type(cfg).__name__} is not a recipe's config: use one of "
+                    f"{', '.join(r.config.__name__ for r in RECIPES.values())}")
