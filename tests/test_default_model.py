@@ -50,7 +50,7 @@ def test_cfg_option_takes_a_number_or_a_schedule(tmp_path, hf_offline, capsys):
 def test_eval_command_reports_every_measure(tmp_path, hf_offline, capsys):
     import json
     from paella.cli import main
-    from paella.openmoji import build
+    from paella_openmoji import build
     build(tmp_path / 'emoji', 64)
     assert main(['eval', '--data', str(tmp_path / 'emoji'), '--n', '12', '--steps', '4']) == 0
     report = json.loads(capsys.readouterr().out)
