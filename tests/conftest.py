@@ -9,8 +9,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fixtures_dir():
-    """The published-code test vectors: $PAELLA_FIXTURES, else ../shared/fixtures beside the repo."""
-    d = Path(os.environ.get('PAELLA_FIXTURES', REPO.parent / 'shared' / 'fixtures'))
+    """The published-code test vectors: tests/fixtures (a copy of the vectors the published code produced;
+    its README says how), or $PAELLA_FIXTURES to test against another set."""
+    d = Path(os.environ.get('PAELLA_FIXTURES') or REPO / 'tests' / 'fixtures')
     if not (d / 'paella_tiny.safetensors').is_file():
         pytest.fail(f"reference fixtures not found in {d}: set PAELLA_FIXTURES to the folder "
                     f"holding paella_tiny.safetensors")

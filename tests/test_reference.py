@@ -1,4 +1,4 @@
-"""Equivalence with the published Paella v3 code, through the test vectors in ../shared/fixtures."""
+"""Equivalence with the published Paella v3 code, through the test vectors in tests/fixtures (produced by the published code; see its README)."""
 import json
 
 import torch
