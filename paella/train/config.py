@@ -18,28 +18,28 @@ class TrainConfig:
     init: str = ''                  # start from these weights (a model folder) instead of random ones
     freeze: str = ''                # parameters to keep fixed: comma-separated name prefixes, e.g.
                                     # in_block,down_blocks,vquantizer trains a VQGAN's decoder alone
-    image_size: int = 64
+    image_size: int = 64            # raw images: side in pixels after the resize and crop
     batch_size: int = 32            # global, over all processes and accumulation steps
-    grad_accum: int = 1
-    steps: int = 1000
-    lr: float = 3e-4
-    warmup: int = 100
+    grad_accum: int = 1             # micro-batches per optimizer step
+    steps: int = 1000               # optimizer steps in all (a resumed run continues to this)
+    lr: float = 3e-4                # AdamW learning rate after the warm-up
+    warmup: int = 100               # steps of linear learning-rate warm-up
     lr_schedule: str = 'constant'   # after the warm-up: constant (published) or cosine (to lr / 10)
-    weight_decay: float = 0.01
-    betas: tuple = (0.9, 0.999)
-    grad_clip: float = 1.0
+    weight_decay: float = 0.01      # AdamW's decoupled weight decay
+    betas: tuple = (0.9, 0.999)     # AdamW's moment decays
+    grad_clip: float = 1.0          # gradient norm clipped to this
     precision: str = 'bf16'         # fp32, bf16 or fp16 (with a grad scaler)
     ema: float = 0.0                # EMA decay of the weights (0: no EMA)
     ema_start: int = 0              # copy the weights into the EMA until this step
     compile: bool = False           # torch.compile the model
     fsdp: bool = False              # shard parameters, gradients and optimizer state over processes
-    seed: int = 0
+    seed: int = 0                   # initial weights, data order and every random draw of a step
     num_workers: int = 0            # data loader processes
-    log_every: int = 10
-    save_every: int = 500
+    log_every: int = 10             # steps per metrics.jsonl line (means over them)
+    save_every: int = 500           # steps per checkpoint (and at the end)
     keep: int = 3                   # checkpoints kept
     sample_every: int = 0           # generator: a sample grid every this many steps (0: never)
-    tensorboard: bool = True
+    tensorboard: bool = True        # also log to out/tensorboard
     wandb: str = ''                 # a wandb project name to log to (optional)
 
     def check(self, world):

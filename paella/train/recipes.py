@@ -25,10 +25,10 @@ from .distributed import seed_of
 @dataclass
 class GeneratorConfig(TrainConfig):
     recipe: ClassVar[str] = 'generator'
-    warmup: int = 200
+    warmup: int = 200               # steps of linear learning-rate warm-up
     vqgan: str = ''                 # on raw images: the frozen VQGAN's folder
     text_encoder: str = 'minilm'    # on raw images: minilm, minilm:<folder> or byt5:<name or folder>
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1    # of the token cross-entropy
     min_loss_weight: float = 0.3    # the loss weight of a token at noise level t is max(t, this)
     p_uncond_text: float = 0.05     # empty prompt instead of the caption, per batch
     p_drop_tokens: float = 0.0      # pooled_text models: the empty prompt's token states but the caption's
@@ -40,7 +40,7 @@ class GeneratorConfig(TrainConfig):
 @dataclass
 class VQGANConfig(TrainConfig):
     recipe: ClassVar[str] = 'vqgan'
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0       # AdamW's decoupled weight decay
     commit_weight: float = 0.25     # commitment loss weight (moves the encoder's outputs toward their codes)
     l1_weight: float = 1.0          # reconstruction = l1_weight x L1 + MSE (0: MSE alone, what PSNR measures)
     dead_code_every: int = 20       # restart codes unused for this many steps (0: never)
@@ -49,9 +49,9 @@ class VQGANConfig(TrainConfig):
 @dataclass
 class PriorTrainConfig(TrainConfig):
     recipe: ClassVar[str] = 'prior'
-    batch_size: int = 64
-    grad_clip: float = 5.0
-    ema: float = 0.999
+    batch_size: int = 64            # global, over all processes and accumulation steps
+    grad_clip: float = 5.0          # gradient norm clipped to this
+    ema: float = 0.999              # EMA decay of the weights (0: no EMA)
     p_uncond_prior: float = 0.1     # zero text embedding instead of the caption's, per batch
 
 
