@@ -2,7 +2,8 @@
 conditional / unconditional inputs into one callable ``guided(x, t, i) -> logits`` for step i, so the
 sampler's loop knows nothing of guidance. It also holds the speed-ups that concern only the conditions:
 the conditioning cache (`model.prepare`: the attention keys and values of the conditions, computed once)
-and one batched forward over both branches when their inputs can be stacked.
+and one batched forward over both branches when their inputs can be stacked. Also the published demo's
+attention weights (`v3_attn_weights`) and regional prompts as a model wrapper (`RegionalModel`).
 """
 import torch
 
@@ -91,3 +92,27 @@ class Guided:
         else:
             cond, uncond = self.model(x, t, **self.cond, **self.extra), self.model(x, t, **self.uncond)
         return _guide(cond, uncond, self.cfgs[i].item(), exact=self.exact)
+
+
+def v3_attn_weights(text_length, text_weight=1.2, image_weight=0.4):
+    """The published demo's weights: a vector as long as the ByT5 sequence L, applied to the last L
+    conditioning keys, whose last 4 (the image-embedding tokens) get ``image_weight``."""
+    w = torch.full((text_length,), float(text_weight))
+    w[-4:] = image_weight
+    return w
+
+
+class RegionalModel:
+    """Wraps a Paella model so that a ``regions`` input (R, 1, 1, H, W) of blend weights makes one forward
+    over R stacked conditions (inputs of batch R*B, region-major) and blends their logits; without
+    ``regions`` (the unconditional branch) it is the model itself."""
+
+    def __init__(self, model):
+        self.model, self.num_labels = model, model.num_labels
+
+    def __call__(self, x, r, regions=None, **inputs):
+        if regions is None:
+            return self.model(x, r, **inputs)
+        n = regions.shape[0]
+        logits = self.model(x.repeat(n, 1, 1), r.repeat(n), **inputs)           # (R*B, C, H, W)
+        return (logits.unflatten(0, (n, -1)) * regions.to(logits.dtype)).sum(0)  # (B, C, H, W)

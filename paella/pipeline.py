@@ -1,19 +1,24 @@
 """Prompt in, images out: text encoders -> (CLIP prior) -> Paella sampler -> VQGAN decode.
 
-A pipeline folder holds ``pipeline.json`` (which encoders, the sampling settings) and one model folder
-per trained component (``generator/``, ``vqgan/``, optionally ``prior/``). Text and CLIP encoders are
-referenced by name or path, not copied. ``Pipeline.v3(...)`` assembles the published Paella v3 from the
-official files with the published demo's settings.
+`Pipeline` holds the models and the sampling `Settings`, encodes prompts (`conditions`) and images
+(`encode_images`), samples through one route (`run`) and decodes (`decode`); the editing modes are the
+functions of `paella.editing`. A pipeline folder holds ``pipeline.json`` (the encoders' names or paths,
+the settings) and a model folder per trained component (``generator/``, ``vqgan/``, maybe ``prior/``).
 """
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
+from . import editing
 from .checkpoint import CheckpointError, atomic_write
-from .editing import EditingMixin
+from .editing import Options
+from .guidance import v3_attn_weights
+from .images import load_image, tokens_to_images
 from .model import Paella
 from .prior import PriorModel, sample_prior
 from .sampler import sample
@@ -24,38 +29,29 @@ PIPELINE_NAME = 'pipeline.json'
 
 @dataclass
 class Settings:
-    """Sampling settings of a pipeline; the defaults are the published v3 demo's."""
-    latent_size: tuple = (64, 64)                   # token grid (H, W); pixels are 4x with the f4 VQGAN
-    steps: int = 32
-    renoise_steps: int | None = 26
-    temperature: tuple = (1.2, 0.2)
-    cfg: float | tuple | None = 8.0
-    sampling_conditional_steps: int | None = 20     # guidance for the first 20 steps only
+    """Sampling settings of a pipeline. The defaults are neutral, for a freshly trained model without CLIP
+    or prior: guidance at every step and no attention reweighting. `Settings.v3()`: the published demo's."""
+    latent_size: tuple = (16, 16)                   # token grid (H, W): 64 px with an f4 VQGAN, as trained
+    steps: int = 12                                 # the shipped emoji model's count
+    renoise_steps: int | None = None                # None: every step but the last re-noises (the sampler's)
+    temperature: tuple = (1.0, 0.2)                 # linear from start to end (the sampler's default)
+    cfg: float | tuple | None = 3.0                 # the shipped model's starting scale, held constant
+    sampling_conditional_steps: int | None = None   # guidance for the first N steps only; None: all
     mode: str = 'cdf'                               # the published step is 'multinomial' (paella.speed)
     batch_cfg: bool = True                          # one forward for both CFG branches
     cache: bool = True                              # conditioning keys/values computed once per run
-    attn_text_weight: float | None = 1.2            # attention reweighting when an image embedding is used
-    attn_image_weight: float | None = 0.4
+    attn_text_weight: float | None = None           # attention reweighting when an image embedding is used
+    attn_image_weight: float | None = None
     prior_steps: int = 60
     prior_cfg: float | None = 3.0
     prior_sampler: str = 'ddpm'
 
-
-def v3_attn_weights(text_length, text_weight=1.2, image_weight=0.4):
-    """The published demo's weights: a vector as long as the ByT5 sequence L, applied to the last L
-    conditioning keys, whose last 4 (the image-embedding tokens) get ``image_weight``."""
-    w = torch.full((text_length,), float(text_weight))
-    w[-4:] = image_weight
-    return w
-
-
-def _load_text_encoder(spec, device):
-    from . import conditioning
-    if spec['type'] == 'byt5':
-        return conditioning.byt5_encoder(spec['path'], device=device, pad_to=spec.get('pad_to'))
-    if spec['type'] == 'minilm':
-        return conditioning.minilm_encoder(spec.get('path'), device=device, pad_to=spec.get('pad_to', 24))
-    raise CheckpointError(f"unknown text encoder type {spec['type']!r} (expected 'byt5' or 'minilm')")
+    @classmethod
+    def v3(cls):
+        """The published Paella v3 demo's settings."""
+        return cls(latent_size=(64, 64), steps=32, renoise_steps=26, temperature=(1.2, 0.2), cfg=8.0,
+                   sampling_conditional_steps=20, mode='cdf', batch_cfg=True, cache=True, attn_text_weight=1.2,
+                   attn_image_weight=0.4, prior_steps=60, prior_cfg=3.0, prior_sampler='ddpm')
 
 
 def default_model_path():
@@ -69,8 +65,13 @@ def _source(name_or_path):
     return str(p.resolve()) if p.exists() else str(name_or_path)
 
 
-class Pipeline(EditingMixin):
-    """Text-to-image (``pipe(prompts)``) and the editing modes of `EditingMixin`."""
+def _tuples(values):
+    """Settings values as JSON stores them (lists) back to tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+class Pipeline:
+    """Text to image (``pipe(prompts)``) and the editing modes of `paella.editing`."""
 
     def __init__(self, generator, vqgan, text_encoder, clip=None, prior=None, settings=None, specs=None):
         self.generator, self.vqgan, self.text_encoder = generator.eval(), vqgan.eval(), text_encoder
@@ -90,6 +91,17 @@ class Pipeline(EditingMixin):
     def device(self):
         return next(self.generator.parameters()).device
 
+    @property
+    def pixel_multiple(self):
+        """Image sides must be multiples of this: the VQGAN's downsampling x the U-Net's."""
+        return self.vqgan.downsampling * self.generator.downsampling
+
+    @property
+    def image_size(self):
+        """(W, H) in pixels of the pipeline's default canvas."""
+        h, w = self.settings.latent_size
+        return w * self.vqgan.downsampling, h * self.vqgan.downsampling
+
     def compile(self):
         """Sample through torch.compile (CUDA graphs on GPUs); the first call of each shape compiles."""
         from .speed import compile_model
@@ -100,18 +112,36 @@ class Pipeline(EditingMixin):
     def v3(cls, paella, vqgan, prior, byt5='google/byt5-xl', clip='laion/CLIP-ViT-H-14-laion2B-s32B-b79K',
            device=None, dtype='auto', preset=None):
         """The published Paella v3 from the official files (paella_v3.pt, vqgan_f4.pt, prior_v1.pt) and the
-        ByT5-XL and CLIP-H models (Hugging Face names or local folders). dtype: of the generator and the
-        prior ('auto': bfloat16 where native, see paella.speed); encoders and VQGAN stay float32, as in
-        `from_pretrained`."""
+        ByT5-XL and CLIP-H models (Hugging Face names or local folders), with `Settings.v3`. dtype: of the
+        generator and the prior ('auto': bfloat16 where native, see paella.speed); encoders and VQGAN stay
+        float32, as in `from_pretrained`."""
         from .conditioning import byt5_encoder, clip_encoder
         from .speed import resolve_dtype
         dtype = resolve_dtype(dtype, device)
-        presets = dict(paella=preset or 'v3', vq=preset or 'f4', prior=preset or 'v1')
-        return cls(Paella.from_pretrained(paella, preset=presets['paella'], device=device, dtype=dtype),
-                   VQModel.from_pretrained(vqgan, preset=presets['vq'], device=device),
+        return cls(Paella.from_pretrained(paella, preset=preset or 'v3', device=device, dtype=dtype),
+                   VQModel.from_pretrained(vqgan, preset=preset or 'f4', device=device),
                    byt5_encoder(byt5, device=device), clip_encoder(clip, device=device),
-                   PriorModel.from_pretrained(prior, preset=presets['prior'], device=device, dtype=dtype),
-                   specs={'text_encoder': {'type': 'byt5', 'path': _source(byt5)}, 'clip': {'path': _source(clip)}})
+                   PriorModel.from_pretrained(prior, preset=preset or 'v1', device=device, dtype=dtype),
+                   Settings.v3(),
+                   {'text_encoder': {'type': 'byt5', 'path': _source(byt5)}, 'clip': {'path': _source(clip)}})
+
+    @classmethod
+    def assemble(cls, generator, vqgan, text_encoder='minilm', pad_to=24, image_size=64, **settings):
+        """A pipeline from a trained generator and VQGAN (model folders) and a text encoder ('minilm',
+        'minilm:<folder>', 'byt5:<name or folder>'; see `conditioning.encoder_spec`), with neutral
+        `Settings` for a square canvas of ``image_size`` pixels; ``settings``: fields to change."""
+        from .conditioning import encoder_spec, load_text_encoder
+        names = [f.name for f in fields(Settings)]
+        for key in settings:
+            if key not in names:
+                raise ValueError(f"unknown setting {key!r}; settings: {', '.join(names)}")
+        spec = encoder_spec(text_encoder, pad_to)
+        if spec is None:
+            raise ValueError("a pipeline needs a text encoder, got 'none'")
+        gen, vq = Paella.from_pretrained(generator), VQModel.from_pretrained(vqgan)
+        grid = image_size // vq.downsampling
+        s = Settings(**_tuples({'latent_size': (grid, grid), **settings}))
+        return cls(gen, vq, load_text_encoder(spec), settings=s, specs={'text_encoder': spec})
 
     def save_pretrained(self, folder, dtype=None):
         """Write the pipeline folder; ``dtype=torch.float16`` halves the size of the weights on disk."""
@@ -131,7 +161,7 @@ class Pipeline(EditingMixin):
         """A pipeline folder; with no folder, the emoji model shipped inside the package. dtype: of the
         generator and the prior ('auto': bfloat16 where native, float32 elsewhere; see paella.speed); the
         VQGAN and the text encoder stay float32."""
-        from .conditioning import clip_encoder
+        from .conditioning import clip_encoder, load_text_encoder
         from .speed import resolve_dtype
         dtype = resolve_dtype(dtype, device)
         folder = Path(folder) if folder is not None else default_model_path()
@@ -141,15 +171,19 @@ class Pipeline(EditingMixin):
         if not (folder / PIPELINE_NAME).is_file():
             raise CheckpointError(f"{folder} is not a pipeline folder: it has no {PIPELINE_NAME}")
         meta = json.loads((folder / PIPELINE_NAME).read_text())
-        settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta['settings'].items()})
         # Weights may be stored in half precision to keep the package small; compute in `dtype`.
         def load(cls_, sub, dt=dtype):
             return cls_.from_pretrained(folder / sub, device=device, dtype=dt)
         prior = load(PriorModel, 'prior') if (folder / 'prior').is_dir() else None
         return cls(load(Paella, 'generator'), load(VQModel, 'vqgan', torch.float32),
-                   _load_text_encoder(meta['text_encoder'], device),
+                   load_text_encoder(meta['text_encoder'], device),
                    clip_encoder(meta['clip']['path'], device=device) if meta.get('clip') else None,
-                   prior, settings, {k: meta[k] for k in ('text_encoder', 'clip') if k in meta})
+                   prior, Settings(**_tuples(meta['settings'])),
+                   {k: meta[k] for k in ('text_encoder', 'clip') if k in meta})
+
+    def settings_with(self, overrides):
+        """The pipeline's settings with some fields replaced (a dict: steps=, cfg=, ...)."""
+        return replace(self.settings, **overrides)
 
     def conditions(self, prompts, negative_prompt='', settings=None, generator=None, image_embeddings=None):
         """(conditional inputs, unconditional inputs, attention weights) for the sampler. With a CLIP
@@ -177,37 +211,59 @@ class Pipeline(EditingMixin):
                     attn = v3_attn_weights(text.shape[1], s.attn_text_weight, s.attn_image_weight).to(device)
         return cond, uncond, attn
 
-    def _generator(self, seed=None, generator=None):
-        """The generator every random draw of a call comes from: the one given, or one seeded with ``seed``
-        (a random seed when None)."""
-        if generator is not None:
-            return generator
-        generator = torch.Generator(self.device)
-        generator.manual_seed(seed) if seed is not None else generator.seed()
-        return generator
-
-    def _sample(self, cond, uncond, attn, batch, s, generator, model=None, callback=None, **kwargs):
-        """`sample` with the settings ``s``; kwargs: init_x, mask, t_start."""
-        return sample(model or self.runner, cond, (batch, *s.latent_size), uncond, steps=s.steps,
-                      renoise_steps=s.renoise_steps, temperature=s.temperature, cfg=s.cfg,
-                      sampling_conditional_steps=s.sampling_conditional_steps, mode=s.mode,
-                      codebook=self.vqgan.vquantizer.codebook.weight, attn_weights=attn,
-                      generator=generator, callback=callback, batch_cfg=s.batch_cfg, cache=s.cache, **kwargs)
-
-    def _run(self, prompts, negative_prompt, seed, generator, overrides, timings=None, callback=None,
-             image_embeddings=None, **kwargs):
-        """Encode the prompts and sample; with init_x, the token grid's size comes from it."""
-        s = replace(self.settings, **overrides)
-        if 'init_x' in kwargs:
-            s = replace(s, latent_size=tuple(kwargs['init_x'].shape[1:]))
-        generator = self._generator(seed, generator)
+    def run(self, prompts=None, options=None, *, conditions=None, image_embeddings=None, init_x=None,
+            mask=None, t_start=1.0, model=None, timings=None):
+        """Token grids (B, H, W) from `sample` with the `Options`' settings and generator, conditioned on
+        ``prompts`` (and CLIP ``image_embeddings`` (B, D)) or on ready ``conditions`` (cond, uncond, attn),
+        from ``init_x`` (B, H, W) at noise level ``t_start``, kept where ``mask`` (B, H, W) is False.
+        ``model`` wraps the generator; ``timings`` (a dict) gets the seconds of text encoding and sampling."""
+        o = options or Options()
+        s = self.settings_with(o.overrides)
+        generator = o.rng(self.device)
         t0 = time.perf_counter()
-        cond, uncond, attn = self.conditions(prompts, negative_prompt, s, generator, image_embeddings)
+        if conditions is None:
+            conditions = self.conditions(prompts, o.negative_prompt, s, generator, image_embeddings)
+        cond, uncond, attn = conditions
         t1 = time.perf_counter()
-        tokens = self._sample(cond, uncond, attn, len(prompts), s, generator, callback=callback, **kwargs)
+        # (B, H, W): the initial tokens' shape, or one grid per row of the unconditional branch
+        shape = tuple(init_x.shape) if init_x is not None else (len(uncond['byt5']), *s.latent_size)
+        tokens = sample(model or self.runner, cond, shape, uncond, steps=s.steps, renoise_steps=s.renoise_steps,
+                        temperature=s.temperature, cfg=s.cfg, t_start=t_start,
+                        sampling_conditional_steps=s.sampling_conditional_steps, init_x=init_x, mask=mask,
+                        mode=s.mode, codebook=self.vqgan.vquantizer.codebook.weight, attn_weights=attn,
+                        generator=generator, callback=o.callback, batch_cfg=s.batch_cfg, cache=s.cache)
         if timings is not None:
             timings.update(text_encoding=t1 - t0, sampling=time.perf_counter() - t1)
         return tokens
+
+    def encode_images(self, images, size=None):
+        """Token grids (B, h, w) of images (PIL / paths / bytes), resized to ``size`` (W, H; default the
+        pipeline's canvas) when they differ."""
+        size = tuple(size or self.image_size)
+        pixels = []
+        for im in images if isinstance(images, (list, tuple)) else [images]:
+            im = load_image(im)
+            if im.size != size:
+                im = im.resize(size, Image.BICUBIC)
+            pixels.append(np.asarray(im, dtype=np.float32) / 255)
+        x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(self.device)   # (B, 3, H, W)
+        with torch.no_grad():
+            return self.vqgan.encode_indices(x.to(next(self.vqgan.parameters()).dtype))
+
+    def decode(self, tokens, output='pil', paste=None):
+        """PIL images of token grids (B, H, W) (``output='tokens'``: the grids themselves). ``paste``: one
+        (image, keep (h, w) bool, (x, y)) per result, whose kept pixels go back in at (x, y)."""
+        if output == 'tokens':
+            return tokens
+        if output != 'pil':
+            raise ValueError(f"output must be 'pil' or 'tokens', got {output!r}")
+        images = tokens_to_images(self.vqgan, tokens)
+        for i, (original, keep, (x, y)) in enumerate(paste or ()):
+            canvas = np.asarray(images[i]).copy()                                  # (H, W, 3)
+            src = np.asarray(original)                                             # (h, w, 3)
+            canvas[y:y + src.shape[0], x:x + src.shape[1]][keep] = src[keep]
+            images[i] = Image.fromarray(canvas)
+        return images
 
     def tokens(self, prompts, negative_prompt='', seed=None, generator=None, callback=None, timings=None,
                **overrides):
@@ -216,7 +272,8 @@ class Pipeline(EditingMixin):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("give a prompt or a non-empty list of prompts (strings)")
-        return self._run(prompts, negative_prompt, seed, generator, overrides, timings, callback)
+        return self.run(prompts, Options(seed, generator, negative_prompt, callback, 'tokens', overrides),
+                        timings=timings)
 
     def __call__(self, prompts, negative_prompt='', seed=None, generator=None, timings=None, output='pil',
                  callback=None, **overrides):
@@ -224,7 +281,45 @@ class Pipeline(EditingMixin):
         `Settings` fields (steps=, cfg=, ...)."""
         tokens = self.tokens(prompts, negative_prompt, seed, generator, callback, timings, **overrides)
         t0 = time.perf_counter()
-        images = self._finish(tokens, output)
+        images = self.decode(tokens, output)
         if timings is not None:
             timings['decoding'] = time.perf_counter() - t0
         return images
+
+    # The editing modes: `paella.editing` has them and their documentation.
+
+    def inpaint(self, image, mask, prompt, negative_prompt='', dilate=0, keep_pixels=True, seed=None,
+                generator=None, output='pil', callback=None, **overrides):
+        """Regenerate the masked part (white = regenerate) of an image: `editing.inpaint`."""
+        o = Options(seed, generator, negative_prompt, callback, output, overrides)
+        return editing.inpaint(self, image, mask, prompt, dilate, keep_pixels, o)
+
+    def outpaint(self, image, prompt, size, position='center', negative_prompt='', keep_pixels=True, seed=None,
+                 generator=None, output='pil', callback=None, **overrides):
+        """Place the image on a larger canvas and generate the rest: `editing.outpaint`."""
+        o = Options(seed, generator, negative_prompt, callback, output, overrides)
+        return editing.outpaint(self, image, prompt, size, position, keep_pixels, o)
+
+    def edit(self, image, prompt, strength=0.5, negative_prompt='', seed=None, generator=None, output='pil',
+             callback=None, **overrides):
+        """Re-noise the image to ``strength`` and denoise it toward the prompt: `editing.edit`."""
+        o = Options(seed, generator, negative_prompt, callback, output, overrides)
+        return editing.edit(self, image, prompt, strength, o)
+
+    def variations(self, image, n=4, prompt='', strength=0.6, negative_prompt='', seed=None, generator=None,
+                   output='pil', callback=None, **overrides):
+        """n variations of one image: `editing.variations`."""
+        o = Options(seed, generator, negative_prompt, callback, output, overrides)
+        return editing.variations(self, image, n, prompt, strength, o)
+
+    def interpolate(self, prompt_a, prompt_b, n=5, method='linear', negative_prompt='', seed=0, generator=None,
+                    output='pil', callback=None, **overrides):
+        """n images along the conditioning from prompt_a to prompt_b: `editing.interpolate`."""
+        o = Options(seed, generator, negative_prompt, callback, output, overrides)
+        return editing.interpolate(self, prompt_a, prompt_b, n, method, o)
+
+    def regional(self, regions, size=None, background='', negative_prompt='', num_images=1, seed=None,
+                 generator=None, output='pil', callback=None, **overrides):
+        """One image following several prompts, each in its region: `editing.regional`."""
+        o = Options(seed, generator, negative_prompt, callback, output, overrides)
+        return editing.regional(self, regions, size, background, num_images, o)

@@ -124,6 +124,18 @@ def test_every_mode_repeats_with_its_seed_and_changes_without(pipe, apple):
     assert modes['variations'](1).shape[0] == 2 and not torch.equal(*modes['variations'](1))
 
 
+def test_modes_are_functions_of_a_pipeline_and_options(pipe, apple):
+    from paella import editing
+    o = editing.Options(seed=6, output='tokens', overrides=FAST)
+    assert torch.equal(editing.edit(pipe, apple, 'tomato', 0.5, o),
+                       pipe.edit(apple, 'tomato', 0.5, seed=6, output='tokens', **FAST))
+    # interpolate takes a generator: every frame starts from its state, which the last frame advances
+    g = torch.Generator().manual_seed(8)
+    a = pipe.interpolate('sun', 'moon', 3, generator=g, output='tokens', **FAST)
+    assert torch.equal(a, pipe.interpolate('sun', 'moon', 3, seed=8, output='tokens', **FAST))
+    assert not torch.equal(a, pipe.interpolate('sun', 'moon', 3, generator=g, output='tokens', **FAST))
+
+
 def test_images_in_as_pil_png_jpeg_and_paths(pipe, apple, tmp_path):
     png, jpeg = io.BytesIO(), io.BytesIO()
     apple.save(png, 'PNG')
@@ -148,8 +160,7 @@ def test_negative_prompt_changes_the_unconditional_branch(pipe):
 
 def test_regional_prompts_follow_their_halves(pipe):
     """20 seeded trials on a 128x64 canvas (left / right 64x64 halves); measured rate: 20 / 20."""
-    from paella.evaluate import REGIONAL_PAIRS, regional_trials
-    from paella.openmoji import catalogue, render
+    from paella_openmoji import REGIONAL_PAIRS, catalogue, regional_trials, render
     wanted = {name for pair in REGIONAL_PAIRS for name in pair}
     real = {name: Image.open(io.BytesIO(render(svg, 64))).convert('RGB')
             for svg, name, *_ in catalogue() if name in wanted}

@@ -1,4 +1,6 @@
 """The whole v3 text-to-image path, prompt in and image out, on tiny random components of the v3 architecture."""
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -25,12 +27,21 @@ def pipe(official_files, tiny_t5_dir, tiny_clip_dir):
                        clip=tiny_clip_dir, preset='tiny')
 
 
-def test_v3_defaults_are_the_published_demo():
-    s = Settings()
-    assert (s.latent_size, s.steps, s.renoise_steps, s.temperature, s.cfg, s.sampling_conditional_steps) == \
-        ((64, 64), 32, 26, (1.2, 0.2), 8.0, 20)
-    assert (s.prior_steps, s.prior_cfg, s.prior_sampler) == (60, 3.0, 'ddpm')
+def test_v3_preset_is_the_published_demo(pipe):
+    assert asdict(Settings.v3()) == dict(
+        latent_size=(64, 64), steps=32, renoise_steps=26, temperature=(1.2, 0.2), cfg=8.0,
+        sampling_conditional_steps=20, mode='cdf', batch_cfg=True, cache=True, attn_text_weight=1.2,
+        attn_image_weight=0.4, prior_steps=60, prior_cfg=3.0, prior_sampler='ddpm')
+    assert pipe.settings == Settings.v3()
     assert v3_attn_weights(7).tolist() == pytest.approx([1.2, 1.2, 1.2, 0.4, 0.4, 0.4, 0.4])
+
+
+def test_default_settings_are_neutral():
+    """No guidance cut-off, no attention reweighting: what a freshly trained model without CLIP wants."""
+    s = Settings()
+    assert (s.sampling_conditional_steps, s.attn_text_weight, s.attn_image_weight) == (None, None, None)
+    assert (s.steps, s.renoise_steps, s.temperature, s.cfg) == (12, None, (1.0, 0.2), 3.0)
+    assert (s.prior_steps, s.prior_cfg, s.prior_sampler) == (60, 3.0, 'ddpm')
 
 
 def test_prompt_in_image_out(pipe):
@@ -100,12 +111,28 @@ def test_cli_convert_v3_and_generate(official_files, tiny_t5_dir, tiny_clip_dir,
 def test_v3_variations_use_the_clip_image_embedding(pipe, monkeypatch):
     from PIL import Image
     red, blue = Image.new('RGB', (64, 64), (220, 30, 30)), Image.new('RGB', (64, 64), (30, 30, 220))
+    import paella.pipeline
     seen = []
-    original = pipe._sample
-    monkeypatch.setattr(pipe, '_sample', lambda cond, *a, **k: seen.append(cond) or original(cond, *a, **k))
+    original = paella.pipeline.sample
+    monkeypatch.setattr(paella.pipeline, 'sample',
+                        lambda model, cond, *a, **k: seen.append(cond) or original(model, cond, *a, **k))
     a = pipe.variations(red, n=2, seed=0, output='tokens', **FAST)
     assert torch.equal(a, pipe.variations(red, n=2, seed=0, output='tokens', **FAST))
     assert a.shape == (2, 16, 16) and not torch.equal(a[0], a[1])
     assert torch.equal(seen[0]['clip_image'], pipe.clip.encode_images([red]).expand(2, -1).to(seen[0]['byt5']))
     b = pipe.variations(blue, n=2, seed=0, output='tokens', **FAST)
     assert not torch.equal(seen[-1]['clip_image'], seen[0]['clip_image']) and not torch.equal(a, b)
+
+
+def test_assemble_rebuilds_the_shipped_pipeline(tmp_path, hf_offline):
+    shipped = Pipeline.from_pretrained(dtype=torch.float32)
+    shipped.generator.save_pretrained(tmp_path / 'gen')
+    shipped.vqgan.save_pretrained(tmp_path / 'vq')
+    stored = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(shipped.settings).items()}   # as JSON
+    pipe = Pipeline.assemble(tmp_path / 'gen', tmp_path / 'vq', **stored)
+    assert pipe.settings == shipped.settings and pipe.specs == shipped.specs
+    assert torch.equal(pipe.tokens('red apple', seed=0), shipped.tokens('red apple', seed=0))
+    small = Pipeline.assemble(tmp_path / 'gen', tmp_path / 'vq', image_size=32, steps=4)
+    assert small.settings == Settings(latent_size=(8, 8), steps=4)
+    with pytest.raises(ValueError, match="unknown setting 'stepz'; settings: latent_size, steps"):
+        Pipeline.assemble(tmp_path / 'gen', tmp_path / 'vq', stepz=3)

@@ -111,8 +111,8 @@ def test_device_defaults(monkeypatch):
 
 def test_pipeline_uses_the_fast_defaults(hf_offline):
     from paella.pipeline import Pipeline, Settings
-    s = Settings()
-    assert (s.mode, s.batch_cfg, s.cache) == (FAST_SAMPLING['mode'], True, True)
+    for s in (Settings(), Settings.v3()):
+        assert (s.mode, s.batch_cfg, s.cache) == (FAST_SAMPLING['mode'], True, True)
     pipe = Pipeline.from_pretrained()
     assert next(pipe.generator.parameters()).dtype == default_dtype('cpu')
     assert next(pipe.vqgan.parameters()).dtype == torch.float32
