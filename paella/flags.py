@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import re
 import textwrap
 
 
@@ -65,26 +66,59 @@ def own_comments(cls):
     return comments
 
 
-class OneOrMore(argparse.Action):
-    """A number or a schedule (``--cfg 3`` or ``--cfg 3 1.25``): one value stored as is, more as a tuple."""
+def value_type(default, annotation=''):
+    """The parser of one value: the default's type (of its items for a sequence), else the first scalar
+    type the annotation names; ``null`` / ``none`` mean None where the annotation allows None."""
+    sample = default[0] if isinstance(default, (tuple, list)) and default else default
+    named = [k for k in (bool, int, float, str) if re.search(rf'\b{k.__name__}\b', str(annotation))]
+    kind = type(sample) if isinstance(sample, (bool, int, float, str)) else named[0] if named else json.loads
+    kind = parse_bool if kind is bool else kind
+    if default is not None and 'None' not in str(annotation):
+        return kind
+
+    def optional(text):
+        return None if text.lower() in ('null', 'none') else kind(text)
+    optional.__name__ = getattr(kind, '__name__', 'value')      # argparse names it in "invalid ... value"
+    return optional
+
+
+class Values(argparse.Action):
+    """Several values (``--betas 0.9 0.95``) or one JSON list (``--betas [0.9,0.95]``), parsed by ``kind``;
+    ``count`` of them when a tuple has a fixed length; one value kept as a scalar where ``scalar``."""
+
+    def __init__(self, *args, kind=str, count=None, scalar=False, sequence=tuple, **kwargs):
+        super().__init__(*args, nargs='+', **kwargs)
+        self.kind, self.count, self.scalar, self.sequence = kind, count, scalar, sequence
 
     def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values[0] if len(values) == 1 else tuple(values))
+        if len(values) == 1 and values[0].lstrip().startswith('['):
+            try:
+                values = [json.dumps(v) if not isinstance(v, str) else v for v in json.loads(values[0])]
+            except json.JSONDecodeError:
+                raise argparse.ArgumentError(self, f"not a JSON list: {values[0]!r}") from None
+        try:
+            parsed = [self.kind(v) for v in values]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentError(self, f"invalid {getattr(self.kind, '__name__', '')} value in "
+                                               f"{' '.join(values)!r}") from None
+        if self.count is not None and len(parsed) != self.count and not (self.scalar and len(parsed) == 1):
+            raise argparse.ArgumentError(self, f"expected {self.count} values, got {len(parsed)}")
+        setattr(namespace, self.dest, parsed[0] if self.scalar and len(parsed) == 1 else self.sequence(parsed))
 
 
 def flag_options(default, help_='', annotation=''):
-    """add_argument options for a value whose default is ``default`` (``annotation``: its declared type,
-    where a scalar may also be a tuple)."""
+    """add_argument options for a value whose default is ``default`` (``annotation``: its declared type)."""
+    kind = value_type(default, annotation)
     if isinstance(default, bool):
-        return dict(type=parse_bool, nargs='?', const=True, metavar='BOOL', help=help_)
-    if isinstance(default, (tuple, list)):
-        kind = type(default[0]) if default and not isinstance(default[0], (list, dict, bool)) else parse_json
-        return dict(type=kind, nargs='+', help=help_)
-    if isinstance(default, (int, float, str)):
-        if 'tuple' in str(annotation) or 'list' in str(annotation):
-            return dict(type=type(default), nargs='+', action=OneOrMore, help=help_)
-        return dict(type=type(default), help=help_)
-    return dict(type=parse_json, help=help_)
+        return dict(type=kind, nargs='?', const=True, metavar='BOOL', help=help_)
+    if isinstance(default, tuple):          # a fixed number of values: (beta1, beta2), (H, W), (start, end)
+        return dict(action=Values, kind=kind, count=len(default), help=help_)
+    if isinstance(default, list):           # one per level of a model: any number
+        return dict(action=Values, kind=kind, sequence=list, help=help_)
+    if re.search(r'\b(tuple|list)\b', str(annotation)):     # a number, or a schedule of them
+        return dict(action=Values, kind=kind, scalar=True, count=2 if 'tuple' in str(annotation) else None,
+                    sequence=tuple if 'tuple' in str(annotation) else list, help=help_)
+    return dict(type=kind, help=help_)
 
 
 def defaults_of(source):
@@ -122,31 +156,36 @@ def add_dotted(parser, names, source, help_=''):
     keys, types = defaults_of(source), annotations_of(source)
     help_ = f"{help_} (--{names[0][2:]}.KEY VALUE, or all as JSON; keys: {', '.join(k.replace('_', '-') for k in keys)})"
     parser.add_argument(*names, dest=dest, type=parse_dict, default={}, metavar='JSON', help=help_.strip())
-    for key, value in keys.items():
-        parser.add_argument(f"{names[0]}.{key.replace('_', '-')}", dest=f'{dest}.{key}', default=None,
+    for key, value in keys.items():          # absent unless given (SUPPRESS), so a given null stays None
+        parser.add_argument(f"{names[0]}.{key.replace('_', '-')}", dest=f'{dest}.{key}', default=argparse.SUPPRESS,
                             **flag_options(value, argparse.SUPPRESS, types.get(key, '')))
 
 
-def dotted(args, name):
-    """The dict of ``--name``: its JSON, then the dotted keys given."""
+def dotted(args, name, source):
+    """The dict of ``--name``: its JSON, then the dotted keys given; a key ``source`` does not take is an error."""
     value, prefix = dict(getattr(args, name)), name + '.'
-    value.update({k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None})
+    value.update({k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)})
+    unknown = sorted(set(value) - set(defaults_of(source)))
+    if unknown:
+        raise ValueError(f"--{name.replace('_', '-')}: unknown key {', '.join(map(repr, unknown))}; keys: "
+                         f"{', '.join(defaults_of(source))}")
     return value
 
 
-def read_config(cls, args, nested=()):
-    """The ``cls`` the parsed ``args`` describe (``nested``: its dict fields with dotted keys)."""
-    values = {}
-    for name in defaults_of(cls):
-        value = dotted(args, name) if name in nested else getattr(args, name)
-        values[name] = tuple(value) if isinstance(value, list) else value
-    return cls(**values)
+def read_config(cls, args, nested=None):
+    """The ``cls`` the parsed ``args`` describe (``nested``: {dict field: the source of its keys})."""
+    nested = nested or {}
+    return cls(**{name: dotted(args, name, nested[name]) if name in nested else getattr(args, name)
+                  for name in defaults_of(cls)})
 
 
 def normalize(argv):
-    """Old spellings: ``--batch_size=32`` -> ``--batch-size=32`` (underscores in the name only)."""
+    """Old spellings: ``--batch_size=32`` -> ``--batch-size=32`` (underscores in the name only, and
+    nothing after a bare ``--``: what follows it is values)."""
     out = []
-    for arg in argv:
+    for i, arg in enumerate(argv):
+        if arg == '--':
+            return out + list(argv[i:])
         if arg.startswith('--'):
             name, eq, value = arg.partition('=')
             arg = name.replace('_', '-') + eq + value

@@ -312,8 +312,8 @@ class Pipeline:
         o = Options(seed, generator, negative_prompt, callback, output, overrides)
         return editing.variations(self, image, n, prompt, strength, o)
 
-    def interpolate(self, prompt_a, prompt_b, n=5, method='linear', negative_prompt='', seed=0, generator=None,
-                    output='pil', callback=None, **overrides):
+    def interpolate(self, prompt_a, prompt_b, n=5, method='linear', negative_prompt='', seed=0, output='pil',
+                    callback=None, generator=None, **overrides):
         """n images along the conditioning from prompt_a to prompt_b: `editing.interpolate`."""
         o = Options(seed, generator, negative_prompt, callback, output, overrides)
         return editing.interpolate(self, prompt_a, prompt_b, n, method, o)

@@ -44,7 +44,7 @@ def test_cfg_option_takes_a_number_or_a_schedule(tmp_path, hf_offline, capsys):
     assert np.array_equal(out['2'], out['2,2']) and not np.array_equal(out['2'], out['5,0.5'])
     for bad in ('high', '3,2,1'):
         assert main(['generate', 'red apple', '--cfg', bad]) == 2
-        assert 'expected a number or START,END' in capsys.readouterr().err
+        assert 'expected a number or START END' in capsys.readouterr().err
 
 
 def test_eval_command_reports_every_measure(tmp_path, hf_offline, capsys):

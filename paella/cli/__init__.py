@@ -36,6 +36,8 @@ COMMANDS = {
 def main(argv=None):
     """Run a command; returns the exit status (2: a usage error, reported in one line before any work)."""
     argv = flags.normalize(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAIN and len(argv) == 1:
+        argv.append('--help')                         # a bare training command shows its settings
     parser = argparse.ArgumentParser(prog='paella', description='Paella text-to-image: generate, edit, serve, train.')
     sub = parser.add_subparsers(dest='command', required=True)
     chosen = None

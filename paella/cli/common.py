@@ -21,6 +21,19 @@ def print_skipped(skipped):
         print(f"skipped {name}: {why}", file=sys.stderr)
 
 
+class Cfg(argparse.Action):
+    """--cfg 3, --cfg 3 1.25 or --cfg 3,1.25: one guidance scale or a (start, end) schedule."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, nargs='+', **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, parse_cfg(','.join(values)))
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
+
+
 def parse_cfg(text):
     """--cfg: one guidance scale, or START,END for a linear schedule over the steps."""
     try:
@@ -28,7 +41,7 @@ def parse_cfg(text):
     except ValueError:
         values = ()
     if len(values) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"expected a number or START,END such as 3,1.25, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number or START END such as 3 1.25, got {text!r}")
     return values[0] if len(values) == 1 else values
 
 

@@ -4,7 +4,7 @@ import argparse
 import json
 
 from .. import flags
-from .common import load_pipeline, overrides, parse_cfg, positive, print_skipped, quiet_transformers
+from .common import Cfg, load_pipeline, overrides, positive, print_skipped, quiet_transformers
 
 
 def checkpoint_args(p):
@@ -74,7 +74,8 @@ def cmd_assemble(args):
     import torch
     from ..pipeline import Pipeline
     quiet_transformers()
-    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in flags.dotted(args, 'settings').items()}
+    from ..pipeline import Settings
+    settings = flags.dotted(args, 'settings', Settings)
     pipe = Pipeline.assemble(args.generator, args.vqgan, args.text_encoder, args.pad_to, args.image_size, **settings)
     pipe.save_pretrained(args.out, dtype=torch.float16 if args.half else None)
     print(f"wrote the pipeline to {args.out}/")
@@ -140,8 +141,10 @@ def parse_train(p):
 
 def cmd_train(args):
     import torch.distributed as dist
+    from ..data import webdataset_filter
     from ..train import RECIPES, train
-    cfg = flags.read_config(RECIPES[TRAIN[args.command]].config, args, nested=('model', 'filters'))
+    recipe = RECIPES[TRAIN[args.command]]
+    cfg = flags.read_config(recipe.config, args, nested={'model': recipe.model, 'filters': webdataset_filter})
     train(cfg)
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -155,10 +158,10 @@ def parse_eval(p):
     p.add_argument('--seeds', type=positive, default=1, metavar='K',
                    help='evaluate seeds SEED .. SEED+K-1: one report line each, then mean / min / max')
     p.add_argument('--steps', type=int)
-    p.add_argument('--cfg', type=parse_cfg)
+    p.add_argument('--cfg', action=Cfg, help="guidance scale or START END (default: the model's)")
     p.add_argument('--regional', type=int, metavar='TRIALS',
                    help='instead: the regional-prompt check over this many seeded trials (e.g. 20)')
-    p.add_argument('--device', help=argparse.SUPPRESS)
+    p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
 
 
 def cmd_eval(args):

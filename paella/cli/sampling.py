@@ -3,17 +3,17 @@ import argparse
 import sys
 
 from .. import flags
-from .common import box_or_mask, load_pipeline, overrides, parse_cfg, parse_size, position
+from .common import Cfg, box_or_mask, load_pipeline, overrides, parse_size, position
 
 
-def sampling_args(p, output):
-    """The flags every sampling command takes."""
+def sampling_args(p, output, seed=None):
+    """The flags every sampling command takes (``seed``: the default seed; None draws one)."""
     p.add_argument('--model', help='pipeline folder (default: the emoji model shipped in the package)')
     p.add_argument('-o', '--output', default=output, help='output image (default: %(default)s)')
-    p.add_argument('--seed', type=int, help='random seed (default: random)')
+    p.add_argument('--seed', type=int, default=seed, help=f"random seed (default: {seed if seed is not None else 'random'})")
     p.add_argument('--steps', type=int, help="sampling steps (default: the model's)")
-    p.add_argument('--cfg', type=parse_cfg, help="classifier-free guidance scale, or START,END for a linear "
-                                                 "schedule over the steps (default: the model's)")
+    p.add_argument('--cfg', action=Cfg, help="classifier-free guidance scale, or START END for a linear "
+                                             "schedule over the steps (default: the model's)")
     p.add_argument('--negative-prompt', default='', help='what the image should not be')
     p.add_argument('--grid', action='store_true', help='save all images as one grid')
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
@@ -90,11 +90,10 @@ def parse_mode(p):
     _, inputs, extra, _ = MODES[mode]
     for name, help_ in inputs:
         p.add_argument(name, help=help_)
-    sampling_args(p, f'{mode}.png')
+    # interpolate: every frame shares one seed, a fixed one unless --seed says otherwise
+    sampling_args(p, f'{mode}.png', seed=0 if mode == 'interpolate' else None)
     for names, options in extra:
         p.add_argument(*names, **options)
-    if mode == 'interpolate':
-        p.set_defaults(seed=0)      # every frame shares one seed: a fixed one unless --seed says otherwise
 
 
 def cmd_mode(args):

@@ -54,7 +54,7 @@ class TrainConfig:
         if self.lr_schedule not in ('constant', 'cosine'):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.fsdp and world > 1 and self.ema:
-            raise ValueError("fsdp is for the generator and the prior, without ema (keep ema=0)")
+            raise ValueError("--fsdp works without EMA: pass --ema 0")
 
 
 def lr_factor(cfg, step):

@@ -27,7 +27,10 @@ class Run:
         self.cfg, self.task, self.model = cfg, task, task.model
         self.rank, self.world, self.device = rank, world, device
         self.fsdp = cfg.fsdp and world > 1
-        self.out, self.step, self.logger = Path(cfg.out), 0, None
+        self.out, self.step = Path(cfg.out), 0
+        self.ema = self.opt = self.sched = self.scaler = None   # set by `train`
+        self.logger = None                                     # rank 0, during `loop`
+        self.skipped, self.seen, self.t0 = 0, 0, time.perf_counter()   # bad samples, samples, for samples/s
 
 
 def train(cfg):
@@ -99,7 +102,7 @@ def loop(run):
     if rank == 0:
         state.write_config(cfg)
         run.logger = Logger(cfg, run.out, run.step)
-    run.skipped, run.seen, run.t0 = 0, 0, time.perf_counter()
+    run.t0 = time.perf_counter()
     micro_global = cfg.batch_size // cfg.grad_accum
     bar = tqdm(range(run.step, cfg.steps), initial=run.step, total=cfg.steps, disable=rank != 0,
                dynamic_ncols=True, mininterval=1.0)

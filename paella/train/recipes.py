@@ -166,8 +166,8 @@ class VQTask(Task):
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, device
         self.pairs = cfg.data.endswith('.safetensors')
-        if cfg.fsdp:
-            raise ValueError("fsdp is for the generator and the prior (the VQGAN is small: plain DDP)")
+        if cfg.fsdp and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError("--fsdp is for the generator and the prior (the VQGAN is small: plain DDP)")
         if self.pairs:
             # `paella restored-pairs`: given tokens -> their image; the encoder and codebook take no part.
             self.dataset = Preencoded(cfg.data)
