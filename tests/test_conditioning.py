@@ -99,3 +99,15 @@ def test_collate_pads_with_zeros():
     out = collate([torch.ones(2, 3), torch.ones(4, 3)], pad_to=5)
     assert out.states.shape == (2, 5, 3) and out.mask.sum(1).tolist() == [2, 4]
     assert out.states[0, 2:].abs().sum() == 0
+
+
+def test_loading_an_encoder_prints_nothing(hf_offline, capfd):
+    """A library call prints no transformers progress bar or load report, and leaves its settings as found."""
+    from transformers.utils import logging
+    from paella.conditioning import minilm_encoder
+    logging.enable_progress_bar()
+    capfd.readouterr()
+    minilm_encoder()
+    out, err = capfd.readouterr()
+    assert out == '' and 'Loading' not in err and '%' not in err, err
+    assert logging.is_progress_bar_enabled()

@@ -3,16 +3,8 @@ import argparse
 import sys
 
 
-def quiet_transformers():
-    """No per-file progress bars or load reports from transformers in the command's output."""
-    from transformers.utils import logging
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-
-
 def load_pipeline(args, **kwargs):
     from ..pipeline import Pipeline
-    quiet_transformers()
     return Pipeline.from_pretrained(args.model, device=args.device, **kwargs)
 
 

@@ -4,7 +4,7 @@ import argparse
 import json
 
 from .. import flags
-from .common import Cfg, load_pipeline, overrides, positive, print_skipped, quiet_transformers
+from .common import Cfg, load_pipeline, overrides, positive, print_skipped
 
 
 def checkpoint_args(p):
@@ -53,7 +53,6 @@ def parse_convert_v3(p):
 
 def cmd_convert_v3(args):
     from ..pipeline import Pipeline
-    quiet_transformers()
     pipe = Pipeline.v3(args.paella, args.vqgan, args.prior, byt5=args.byt5, clip=args.clip, preset=args.preset)
     print(f"wrote the Paella v3 pipeline to {pipe.save_pretrained(args.out)}/")
 
@@ -73,7 +72,6 @@ def parse_assemble(p):
 def cmd_assemble(args):
     import torch
     from ..pipeline import Pipeline
-    quiet_transformers()
     from ..pipeline import Settings
     settings = flags.dotted(args, 'settings', Settings)
     pipe = Pipeline.assemble(args.generator, args.vqgan, args.text_encoder, args.pad_to, args.image_size, **settings)
@@ -97,7 +95,6 @@ def cmd_preencode(args):
     from ..conditioning import clip_encoder, encoder_spec, load_text_encoder
     from ..train import preencode
     from ..vq import VQModel
-    quiet_transformers()
     spec = encoder_spec(args.text_encoder)            # a typo is an error before any model loads
     vq = VQModel.from_pretrained(args.vqgan, device=args.device, dtype=torch.float32)   # also half-saved ones
     text = None if spec is None else load_text_encoder(spec, args.device)
