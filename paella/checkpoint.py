@@ -27,6 +27,10 @@ def read_state_dict(path):
     The config comes from the safetensors metadata key ``config`` when present.
     """
     path = Path(path)
+    if (path / 'pipeline.json').is_file():
+        raise CheckpointError(f"{path} is a pipeline folder: name one of its models, e.g. {path / 'generator'}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder without a model ({CONFIG_NAME} + {WEIGHTS_NAME})")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     with open(path, 'rb') as f:

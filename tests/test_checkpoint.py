@@ -133,3 +133,14 @@ def test_cli_convert_then_info(paella_fixture, vq_fixture, tmp_path, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, '-m', 'paella.cli', '--help'], capture_output=True, text=True)
     assert out.returncode == 0 and 'convert' in out.stdout
+
+
+def test_info_names_what_a_path_is(tmp_path, capsys):
+    """A pipeline folder, an empty folder and a missing file each get their own one-line error (exit 2)."""
+    (tmp_path / 'pipe').mkdir()
+    (tmp_path / 'pipe' / 'pipeline.json').write_text('{}')
+    for path, message in ((tmp_path / 'pipe', 'is a pipeline folder: name one of its models'),
+                          (tmp_path, 'is a folder without a model'), (tmp_path / 'nope.pt', 'no such checkpoint file')):
+        assert main(['info', str(path)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
