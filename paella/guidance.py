@@ -10,8 +10,8 @@ import torch
 
 def schedule(value, steps):
     """A number or a (start, end) pair -> a linear schedule tensor (steps,), as the published code makes it."""
-    start, end = (value, value) if isinstance(value, (int, float)) else tuple(value)
-    return torch.linspace(start, end, steps)
+    start, end = (value, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else tuple(value)
+    return torch.linspace(float(start), float(end), steps)
 
 
 def _guide(cond, uncond, cfg, exact=True):

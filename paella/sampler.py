@@ -154,11 +154,23 @@ def check_arguments(model, latent_shape, steps, mode, renoise_mode, codebook, in
         raise ValueError(f"typical_mass must be in (0, 1], got {typical_mass}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if mode != 'argmax' and (schedule(temperature, steps) <= 0).any():
+    if mode != 'argmax' and (checked_schedule('temperature', temperature, steps) <= 0).any():
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if is_guided(cfg):
-        schedule(cfg, steps)                                     # a malformed schedule fails here, not mid-run
+        checked_schedule('cfg', cfg, steps)                      # a malformed schedule fails here, not mid-run
     return latent_shape, mask
+
+
+def checked_schedule(name, value, steps):
+    """`schedule`, or a ValueError naming ``name`` for what is not a finite number or (start, end) pair
+    (nan or inf would draw a pale grid without a word)."""
+    try:
+        values = schedule(value, steps)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number or a (start, end) pair, got {value!r}") from None
+    if not torch.isfinite(values).all():
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return values
 
 
 def drawer(steps, temperature, mode, generator, codebook, top_k, typical_mass, typical_min_tokens):

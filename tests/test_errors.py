@@ -23,6 +23,27 @@ def test_sample_rejects_token_ids_outside_the_codebook(tiny_paella, paella_fixtu
         sample(tiny_paella, {'byt5': inp['byt5']}, init_x=init_x, steps=2)
 
 
+@pytest.mark.parametrize('override, message', [
+    ({'cfg': float('nan')}, 'cfg must be finite'), ({'cfg': (3.0, float('inf'))}, 'cfg must be finite'),
+    ({'cfg': (3,)}, r'cfg must be a number or a \(start, end\) pair'), ({'cfg': True}, 'cfg must be a number'),
+    ({'temperature': float('nan')}, 'temperature must be finite'),
+    ({'temperature': (1.0, 0.5, 0.2)}, 'temperature must be a number or a')])
+def test_sample_refuses_guidance_and_temperature_it_cannot_use(tiny_paella, paella_fixture, override, message):
+    """nan / inf drew a pale grid without a word; a one-item schedule failed with Python's unpacking error."""
+    _, inp, _, _ = paella_fixture
+    uncond = {'byt5': torch.zeros_like(inp['byt5'])}
+    with pytest.raises(ValueError, match=message):
+        sample(tiny_paella, {'byt5': inp['byt5']}, (2, 16, 16), uncond, steps=2, **override)
+
+
+def test_cfg_flag_refuses_non_finite_values_before_loading(monkeypatch, capsys):
+    from paella.cli import main
+    monkeypatch.setattr('paella.pipeline.Pipeline.from_pretrained', lambda *a, **k: pytest.fail('model loaded'))
+    for bad in ('nan', 'inf', '3,-inf', '3 1 2'):
+        assert main(['generate', 'red apple', '--cfg', *bad.split()]) == 2
+        assert 'expected a number or START END' in capsys.readouterr().err
+
+
 def test_forward_reads_nothing_back_to_the_host(tiny_paella, paella_fixture, monkeypatch):
     """On a GPU every read-back stops the host until the device catches up; the per-step forward (with the
     conditioning cache or without) must not do one."""

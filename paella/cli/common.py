@@ -1,5 +1,6 @@
 """What several commands share: loading a pipeline quietly, value types for flags, Settings overrides."""
 import argparse
+import math
 import sys
 
 
@@ -32,7 +33,7 @@ def parse_cfg(text):
         values = tuple(float(v) for v in text.split(','))
     except ValueError:
         values = ()
-    if len(values) not in (1, 2):
+    if len(values) not in (1, 2) or not all(math.isfinite(v) for v in values):
         raise argparse.ArgumentTypeError(f"expected a number or START END such as 3 1.25, got {text!r}")
     return values[0] if len(values) == 1 else values
 
