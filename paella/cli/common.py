@@ -1,4 +1,4 @@
-"""What several commands share: loading a pipeline quietly, value types for flags, Settings overrides."""
+"""What several commands share: loading a pipeline, value types for flags, Settings overrides."""
 import argparse
 import math
 import sys

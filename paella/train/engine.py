@@ -42,7 +42,7 @@ def train(cfg):
     run = Run(cfg, task_for(cfg)(cfg, device), rank, world, device)
     if cfg.init:
         state.init_from(run.model, cfg.init, log=rank == 0)
-    resume = state.latest(cfg.out)
+    resume_path, resume = state.latest(cfg.out)
     if resume is not None:
         run.model.load_state_dict(resume['model'])
     state.freeze(run.model, cfg.freeze, type(run.model).__name__).to(device)
@@ -54,7 +54,7 @@ def train(cfg):
     run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lambda s: lr_factor(cfg, s))
     run.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == 'fp16')
     if resume is not None:
-        load(run, resume)
+        load(run, resume, resume_path)
         del resume
     if run.step < cfg.steps:
         loop(run)
@@ -63,7 +63,7 @@ def train(cfg):
     return run.model
 
 
-def load(run, ck):
+def load(run, ck, path):
     """Continue where the checkpoint ``ck`` stopped: optimizer, schedule, scaler, task state, RNG."""
     if run.ema is not None and ck.get('ema') is not None:
         run.ema.load_state_dict(ck['ema'])
@@ -74,7 +74,7 @@ def load(run, ck):
     torch.set_rng_state(ck['rng']['torch'])
     run.step = ck['step']
     if run.rank == 0:
-        print(f"resuming from {state.checkpoints(run.out)[-1]} at step {run.step}")
+        print(f"resuming from {path} at step {run.step}")
 
 
 def batches(run):

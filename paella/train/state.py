@@ -14,9 +14,9 @@ def checkpoints(out):
 
 
 def latest(out):
-    """The newest checkpoint of a run folder (on the CPU), or None."""
+    """(path, state on the CPU) of the newest checkpoint of a run folder, or (None, None)."""
     found = checkpoints(out)
-    return torch.load(found[-1], map_location='cpu', weights_only=True) if found else None
+    return (found[-1], torch.load(found[-1], map_location='cpu', weights_only=True)) if found else (None, None)
 
 
 def init_from(model, folder, log=True):
