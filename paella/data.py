@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from .images import flatten, resize_crop
+from .shards import NoSamples, ShardStream, expand  # noqa: F401  (NoSamples: re-exported for the trainer)
 
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff'}
 MAX_PIXELS = 64_000_000          # larger images are skipped as potential decompression bombs
@@ -127,6 +128,9 @@ class Preencoded(torch.utils.data.Dataset):
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             self.meta = json.loads((f.metadata() or {}).get('paella', '{}'))
         # Keys starting with '_' are not per sample (e.g. '_uncond_text', the empty prompt's states).
+        if 'shards' in self.meta:
+            raise ValueError(f"{path} describes pre-encoded shards: train on the shards, --data "
+                             f"'{Path(path).parent / self.meta['shards']}'")
         self.extras = {k[1:]: v for k, v in tensors.items() if k.startswith('_')}
         self.tensors = {k: v for k, v in tensors.items() if not k.startswith('_')}
         sizes = {len(v) for v in self.tensors.values()}
@@ -152,6 +156,9 @@ def collate(samples):
         if k in ('note',):
             continue
         vals = [s[k] for s in good]
+        if isinstance(vals[0], torch.Tensor) and len({v.shape for v in vals}) > 1:     # text states of
+            n = max(len(v) for v in vals)                          # several lengths: zero padded to the longest
+            vals = [torch.cat([v, v.new_zeros(n - len(v), *v.shape[1:])]) for v in vals]
         batch[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
     return batch, skipped + notes
 
@@ -187,23 +194,44 @@ class StepSampler(torch.utils.data.Sampler):
             pos += self.global_batch
 
 
+def _number(meta, key):
+    """meta[key] as a float; None where missing, null, NaN or not a number (a score that cannot be checked)."""
+    v = meta.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        return None
+    return float(v)
+
+
 def webdataset_filter(min_size=0, max_watermark=1.0, min_aesthetic=None, max_unsafe=1.0, min_caption_chars=1,
                       max_caption_chars=None):
-    """The published LAION filters, on a sample's json metadata and caption."""
-    def keep(sample):
-        meta = sample.get('json') or {}
-        if isinstance(meta, (bytes, str)):
-            meta = json.loads(meta)
-        w, h = meta.get('original_width', meta.get('width')), meta.get('original_height', meta.get('height'))
+    """The published LAION filters, on a sample's json metadata (img2dataset's) and caption: returns
+    ``check(meta, caption) -> None (kept) or the reason it is filtered out``; caption None: not checked.
+
+    One rule for every field: a filter that is set drops a sample whose json lacks its field (or holds
+    null / NaN), since it cannot be checked; a filter left at its default never reads it. The size is the
+    exception only in where it comes from: without original_width/height (or width/height) in the json the
+    decoded image's own size is compared (`decode_shard_sample`)."""
+    scores = [('pwatermark', 'max_watermark', max_watermark, max_watermark < 1.0, lambda v, t: v > t, 'above'),
+              ('punsafe', 'max_unsafe', max_unsafe, max_unsafe < 1.0, lambda v, t: v > t, 'above'),
+              ('aesthetic', 'min_aesthetic', min_aesthetic, min_aesthetic is not None, lambda v, t: v < t, 'below')]
+
+    def check(meta, caption):
+        w = _number(meta, 'original_width') or _number(meta, 'width')
+        h = _number(meta, 'original_height') or _number(meta, 'height')
         if min_size and w is not None and h is not None and min(w, h) < min_size:
-            return False
-        if (meta.get('pwatermark') or 0.0) > max_watermark or (meta.get('punsafe') or 0.0) > max_unsafe:
-            return False
-        if min_aesthetic is not None and (meta.get('aesthetic') or 0.0) < min_aesthetic:
-            return False
-        text, _ = decode_caption(sample.get('txt', b''))
-        return len(text) >= min_caption_chars and (max_caption_chars is None or len(text) <= max_caption_chars)
-    return keep
+            return f'smaller than min_size {min_size}'
+        for key, flag, limit, active, fails, word in scores:
+            if active and _number(meta, key) is None:
+                return f'without {key} ({flag} {limit})'
+            if active and fails(_number(meta, key), limit):
+                return f'{key} {word} {flag} {limit}'
+        if caption is not None and len(caption) < min_caption_chars:
+            return f'caption shorter than min_caption_chars {min_caption_chars}'
+        if caption is not None and max_caption_chars is not None and len(caption) > max_caption_chars:
+            return f'caption longer than max_caption_chars {max_caption_chars}'
+        return None
+    check.min_size = min_size
+    return check
 
 
 def is_shards(data):
@@ -211,24 +239,84 @@ def is_shards(data):
     return str(data).startswith('pipe:') or '.tar' in str(data)
 
 
-def webdataset_images(urls, image_size=256, seed=0, shuffle=1000, **filters):
-    """An endless stream of samples from tar shards in the img2dataset layout (jpg/png + txt + json):
-    shards resampled with replacement per worker and node, samples shuffled in a buffer, filtered."""
-    import webdataset as wds
-    rng = np.random.default_rng(seed)
+SHARD_IMAGES = ('jpg', 'jpeg', 'png', 'webp')
+PREENCODED = ('tokens.npy', 'text.npy', 'text_mask.npy', 'clip_text.npy', 'clip_image.npy')   # paella preencode
 
-    def decode(sample):
-        name = sample.get('__key__', '?')
-        data = sample.get('jpg') or sample.get('png') or sample.get('webp') or sample.get('jpeg')
+
+def select_shard_sample(raw, check, captions=True):
+    """The cheap checks on a raw shard sample, before the shuffle buffer: the raw sample (with its json
+    as '_meta', its caption as '_text'), a skip record {'skip', 'name'} (a broken sample: logged), or the
+    filter's reason (a str: counted, not logged)."""
+    name = f"{raw['__url__']}#{raw['__key__']}"
+    if '__error__' in raw:
+        return {'skip': raw['__error__'], 'name': name}
+    meta = {}
+    if 'json' in raw:
         try:
-            if data is None:
-                raise BadSample('no image in sample')
-            im = open_image(data, image_size // 2)
-        except BadSample as e:
-            return {'skip': str(e), 'name': name}
-        text, note = decode_caption(sample.get('txt', b''))
-        return {'image': resize_crop(im, image_size, rng), 'caption': text, 'name': name, 'note': note}
+            meta = json.loads(raw['json'])
+        except ValueError as e:                      # JSONDecodeError, UnicodeDecodeError
+            return {'skip': f'bad json ({type(e).__name__}: {e})', 'name': name}
+        if not isinstance(meta, dict):
+            return {'skip': f'json is {json.dumps(meta)[:20]}, not an object', 'name': name}
+    text, note = decode_caption(raw['txt']) if 'txt' in raw else ('', None)
+    if captions and not text:
+        return {'skip': 'no caption', 'name': name}
+    why = check(meta, text if captions else None)
+    if why:
+        return why
+    if not any(k in raw for k in SHARD_IMAGES + ('tokens.npy',)):
+        return {'skip': 'no image in sample', 'name': name}
+    return {**raw, '_meta': meta, '_text': text, '_note': note, '_name': name}
 
-    return (wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node,
-                           handler=wds.warn_and_continue, seed=seed)
-            .select(webdataset_filter(**filters)).shuffle(shuffle).map(decode))
+
+def decode_shard_sample(raw, rng, image_size, min_size=0):
+    """A selected raw sample -> {'image' (3, S, S) in [0, 1], 'caption', 'name', 'note'}, or with
+    pre-encoded members {'tokens' (h, w) int16, 'text' (L, D) fp16, 'text_mask' (L,), ['clip_text',
+    'clip_image'], ...}; a skip record for a bad image; the reason (a str) for an image under min_size.
+    ``rng``: numpy, for the random crop (None: centred)."""
+    out = {'caption': raw['_text'], 'name': raw['_name'], 'note': raw['_note']}
+    if 'tokens.npy' in raw:
+        for k in (k for k in PREENCODED if k in raw):
+            out[k[:-4]] = torch.from_numpy(np.load(io.BytesIO(raw[k]), allow_pickle=False))
+        return out
+    data = raw[next(k for k in SHARD_IMAGES if k in raw)]
+    try:
+        im = open_image(data, image_size // 2)
+    except BadSample as e:
+        return {'skip': str(e), 'name': raw['_name']}
+    meta = raw['_meta']
+    sized = (_number(meta, 'original_width') or _number(meta, 'width')) is not None and \
+        (_number(meta, 'original_height') or _number(meta, 'height')) is not None
+    if min_size and not sized and min(im.size) < min_size:
+        return f'smaller than min_size {min_size}'
+    return {'image': resize_crop(im, image_size, rng), **out}
+
+
+def webdataset_images(urls, image_size=256, seed=0, shuffle=1000, captions=True, random_crop=True,
+                      resample=True, **filters):
+    """An endless stream (`ShardStream`) of samples from tar shards in the img2dataset layout (jpg/png +
+    txt + json), or of `paella preencode` shards (tokens.npy + text.npy + ...): every epoch a permutation
+    of the shards seeded by (seed, epoch), each reader (rank x worker) its share, a shuffle buffer seeded by
+    (seed, reader), filtered by `webdataset_filter(**filters)`. captions=False (the VQGAN) keeps images
+    without a caption; with captions they are skipped and reported."""
+    check = webdataset_filter(**filters)
+    extras, meta = preencoded_extras(urls)
+    return ShardStream(urls, lambda raw: select_shard_sample(raw, check, captions),
+                       lambda raw, rng: decode_shard_sample(raw, rng if random_crop else None, image_size,
+                                                            check.min_size),
+                       seed=seed, shuffle=shuffle, resample=resample, extras=extras, meta=meta)
+
+
+EXTRAS = 'extras.safetensors'       # beside pre-encoded shards: the empty prompt's states, the settings
+
+
+def preencoded_extras(urls):
+    """({'uncond_text', 'uncond_clip'}, metadata) of the `paella preencode` shards ``urls`` (the EXTRAS
+    file beside the first shard), or ({}, {}) for other shards."""
+    first = expand(urls)[0] if not str(urls).startswith('pipe:') else ''
+    path = Path(first).parent / EXTRAS if first else None
+    if path is None or not path.is_file():
+        return {}, {}
+    from safetensors import safe_open
+    with safe_open(str(path), framework='pt') as f:
+        return {k[1:]: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get('paella', '{}'))

@@ -48,24 +48,69 @@ def preencoded_pairs(path, n=256, width=16, seed=0):
     return path
 
 
-def shards(folder, n_shards=2, size=48):
-    """Tar shards in the img2dataset layout (jpg + txt + json); sample 0 of each shard has pwatermark 0.9."""
+def add_member(tar, name, data):
     import io
     import tarfile
-    folder.mkdir(parents=True, exist_ok=True)
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
 
-    def add(tar, name, data):
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+
+def jpeg_bytes(colour='red', shape='circle', size=48):
+    import io
+    buf = io.BytesIO()
+    shape_image(colour, shape, size).save(buf, 'JPEG')
+    return buf.getvalue()
+
+
+def shards(folder, n_shards=2, size=48):
+    """Tar shards in the img2dataset layout (jpg + txt + json); sample 0 of each shard has pwatermark 0.9."""
+    import tarfile
+    folder.mkdir(parents=True, exist_ok=True)
     for shard in range(n_shards):
         with tarfile.open(folder / f'shard-{shard:03d}.tar', 'w') as tar:
             for i, (colour, shape) in enumerate((c, s) for c in COLOURS for s in SHAPES):
                 key = f'{shard:03d}{i:04d}'
-                buf = io.BytesIO()
-                shape_image(colour, shape, size).save(buf, 'JPEG')
-                add(tar, key + '.jpg', buf.getvalue())
-                add(tar, key + '.txt', f'a {colour} {shape}'.encode())
+                add_member(tar, key + '.jpg', jpeg_bytes(colour, shape, size))
+                add_member(tar, key + '.txt', f'a {colour} {shape}'.encode())
                 meta = {'width': size, 'height': size, 'pwatermark': 0.9 if i == 0 else 0.1}
-                add(tar, key + '.json', json.dumps(meta).encode())
+                add_member(tar, key + '.json', json.dumps(meta).encode())
     return str(folder / ('shard-{000..%03d}.tar' % (n_shards - 1)))
+
+
+# The bad samples of `bad_shard`: key -> what skipped.log must say of it (None: kept, no caption needed).
+BAD_SAMPLES = {'garbage': 'bad json', 'nulljson': 'json is null', 'nocaption': 'no caption',
+               'emptyimage': 'empty file', 'truncated': 'corrupt', 'notimage': 'not an image',
+               'tiny': 'too small', 'cutoff': 'cut off'}
+
+
+def bad_shard(folder, size=48):
+    """One shard of 8 good samples (as `shards`) and one of each `BAD_SAMPLES`, the last member cut in half
+    (a truncated download). Returns its path."""
+    import tarfile
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / 'bad-000.tar'
+    meta = json.dumps({'width': size, 'height': size}).encode()
+    good = jpeg_bytes('blue', 'square', size)
+    with tarfile.open(path, 'w') as tar:
+        for i, (colour, shape) in enumerate((c, s) for c in COLOURS for s in SHAPES):
+            for ext, data in (('jpg', jpeg_bytes(colour, shape, size)), ('txt', f'a {colour} {shape}'.encode()),
+                              ('json', meta)):
+                add_member(tar, f'good{i}.{ext}', data)
+        tiny = jpeg_bytes(size=4)
+        for key, jpg, txt, js in (('garbage', good, b'a blue square', b'{"width": 48, oops'),
+                                  ('nulljson', good, b'a blue square', b'null'),
+                                  ('nocaption', good, None, meta),
+                                  ('emptyimage', b'', b'a blue square', meta),
+                                  ('truncated', good[:200], b'a blue square', meta),
+                                  ('notimage', b'I am not a picture', b'a blue square', meta),
+                                  ('tiny', tiny, b'a blue square', meta),
+                                  ('cutoff', good, b'a blue square', meta)):
+            for ext, data in (('txt', txt), ('json', js), ('jpg', jpg)):     # the image last: the cut hits it
+                if data is not None:
+                    add_member(tar, f'{key}.{ext}', data)
+    with tarfile.open(path) as tar:
+        member = tar.getmember('cutoff.jpg')
+        cut = member.offset_data + member.size // 2
+    path.write_bytes(path.read_bytes()[:cut])
+    return path
