@@ -129,7 +129,8 @@ class Tally:
         if self.unreadable:
             url, why = next(iter(self.unreadable.items()))
             parts.append(f'{len(self.unreadable)} shards unreadable ({url}: {why})')
-        return NoSamples(f"no usable sample: read {self.read} samples from {len(self.shards)} shards, kept 0: "
+        n = len(self.shards)
+        return NoSamples(f"no usable sample: read {self.read} samples from {n} shard{'s' * (n != 1)}, kept 0: "
                          + ('; '.join(parts) or 'the shards hold no sample'))
 
 
@@ -218,17 +219,17 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def write_shard(path, samples):
-    """Write {'__key__', EXT: bytes, ...} samples as a tar shard, atomically (a temporary file, then a
-    rename) and byte-reproducibly (fixed times and owners)."""
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    with tarfile.open(tmp, 'w', format=tarfile.USTAR_FORMAT) as tar:
-        for sample in samples:
-            for ext, data in sample.items():
-                if ext.startswith('__'):
-                    continue
-                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
-    return path
+    """Write {'__key__', EXT: bytes, ...} samples as a tar shard, atomically (a temporary file beside it,
+    then a rename) and byte-reproducibly (fixed times, modes and owners)."""
+    from .checkpoint import atomic_write
+
+    def write(tmp):
+        with tarfile.open(tmp, 'w', format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                for ext, data in sample.items():
+                    if not ext.startswith('__'):
+                        info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                        info.size, info.mtime, info.mode = len(data), 0, 0o644
+                        tar.addfile(info, io.BytesIO(data))
+    atomic_write(path, write)
+    return Path(path)

@@ -141,3 +141,119 @@ def test_the_seed_fixes_the_shard_stream(tmp_path):
         train(config('vqgan', tmp_path, data=urls, out=str(tmp_path / run), steps=3, batch_size=4))
         weights.append(load_file(str(tmp_path / run / 'model' / 'model.safetensors')))
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def centre_images(url, size=32):
+    """{key: (image (3, S, S) as training sees it, caption)} of the samples of one input shard."""
+    from paella.data import open_image
+    from paella.images import resize_crop
+    from paella.shards import read_shard
+    return {r['__key__']: (resize_crop(open_image(r['jpg']), size), r['txt'].decode()) for r in read_shard(url)}
+
+
+def npy(data):
+    import io
+    import numpy as np
+    return torch.from_numpy(np.load(io.BytesIO(data)))
+
+
+def test_preencode_shards_by_two_processes_resumes_and_trains_like_the_file(tmp_path, minilm):
+    """Each process encodes its share of the input shards; the tokens are the VQGAN's on the same images,
+    the text states the encoder's; a rerun skips finished shards and clears interrupted writes; the trainer
+    gets the rows of a preencode file of the same images, so its loss is the same."""
+    from paella.data import Preencoded, collate, webdataset_images
+    from paella.shards import expand, read_shard
+    from paella.train.distributed import Slice
+    from paella.train.prepare import preencode, preencode_shards
+    from paella.train.recipes import GeneratorTask
+    urls = synth.shards(tmp_path / 'in', 4, size=32)
+    vq = VQModel.from_pretrained(tiny_vqgan(tmp_path / 'vq'))
+    out = tmp_path / 'pre'
+    run = lambda rank: preencode_shards(urls, out, vq, minilm, image_size=32, batch_size=3, rank=rank, world=2,
+                                        log=lambda line: None)
+    assert run(1)[:2] == (2, 16) and sorted(p.name for p in out.glob('*.tar')) == ['00001.tar', '00003.tar']
+    assert run(0)[:2] == (2, 16)
+    first = (out / '00002.tar').read_bytes()
+    (out / '00002.tar').unlink()                              # as if killed while writing it
+    (out / '.00002.tar.x1.tmp').write_bytes(first[:1000])
+    assert run(0)[:2] == (1, 8) and run(1)[:2] == (0, 0)      # finished shards are skipped
+    assert (out / '00002.tar').read_bytes() == first and not list(out.glob('.*.tmp'))
+    for i, url in enumerate(expand(urls)):
+        images, written = centre_images(url), list(read_shard(str(out / f'{i:05d}.tar')))
+        image, caption = zip(*(images[r['__key__']] for r in written))
+        assert [r['txt'].decode() for r in written] == list(caption) and len(written) == 8
+        with torch.no_grad():
+            tokens, text = vq.encode_indices(torch.stack(image)), minilm.encode(list(caption)).states.half()
+        assert torch.equal(torch.stack([npy(r['tokens.npy']) for r in written]).long(), tokens)
+        assert torch.equal(torch.stack([npy(r['text.npy']) for r in written]), text)
+    # The same 8 images as a folder, pre-encoded into one file: the trainer gets the same rows from both.
+    folder = tmp_path / 'folder'
+    folder.mkdir()
+    for key, (image, caption) in centre_images(expand(urls)[0]).items():
+        from PIL import Image
+        Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(folder / f'{key}.png')
+        (folder / f'{key}.txt').write_text(caption)
+    preencode(folder, tmp_path / 'pre.safetensors', vq, minilm, image_size=32)
+    rows = Preencoded(tmp_path / 'pre.safetensors')
+    stream = webdataset_images(str(out / '00000.tar'), 32, shuffle=1, resample=False)
+    a, _ = collate(list(stream))
+    b, _ = collate([rows[i] for i in range(len(rows))])
+    for k in ('tokens', 'text', 'text_mask'):
+        assert torch.equal(a[k], b[k]), k
+    assert torch.equal(stream.extras['uncond_text'], rows.extras['uncond_text'])
+    cfg = config('generator', tmp_path, data=str(tmp_path / 'pre.safetensors'))
+    task = GeneratorTask(cfg, torch.device('cpu'))
+    loss = lambda batch: task.loss(task.model, batch, Slice(0, 8, 8, torch.Generator().manual_seed(0)))[0]
+    assert torch.equal(loss(a), loss(b))
+
+
+def descendants(pid):
+    """The ids of a process's children, grandchildren, ... (from /proc)."""
+    from pathlib import Path
+    kids = []
+    for p in Path('/proc').iterdir():
+        try:
+            if p.name.isdigit() and int((p / 'stat').read_text().rsplit(')', 1)[1].split()[1]) == pid:
+                kids.append(int(p.name))
+        except (OSError, ValueError, IndexError):     # the process ended meanwhile
+            continue
+    return [d for k in kids for d in (k, *descendants(k))]
+
+
+@pytest.mark.slow
+def test_preencode_under_torchrun_killed_and_rerun_ends_equal(tmp_path, minilm):
+    """`torchrun --nproc_per_node=2 -m paella.cli preencode` on 4 shards, SIGKILLed once a shard is written
+    (each input is read through a slow pipe:), then rerun: it skips the finished shards and ends with the
+    bytes one process writes, and no temporary file; the generator trains on them."""
+    import signal
+    import time
+    from paella.train.prepare import preencode_shards
+    urls = synth.shards(tmp_path / 'in', 4, size=32)
+    vq = tiny_vqgan(tmp_path / 'vq')
+    preencode_shards(urls, tmp_path / 'one', VQModel.from_pretrained(vq), minilm, image_size=32, log=lambda _: None)
+    slow = f"pipe:sleep 3; cat {urls}"
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'paella.cli',
+           'preencode', slow, str(tmp_path / 'two'), '--vqgan', str(vq), '--image-size', '32']
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((tmp_path / 'two').glob('*.tar')) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    for pid in [*descendants(proc.pid), proc.pid]:          # torchrun starts each worker in its own session
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    finished = sorted(p.name for p in (tmp_path / 'two').glob('*.tar'))
+    assert 1 <= len(finished) < 4, finished                  # really interrupted
+    rerun = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    wrote = [line for line in rerun.stdout.splitlines() if line.startswith('wrote ')]
+    assert len(wrote) == 4 - len(finished) and not any(name in line for line in wrote for name in finished), wrote
+    for i in range(4):
+        assert (tmp_path / 'two' / f'{i:05d}.tar').read_bytes() == (tmp_path / 'one' / f'{i:05d}.tar').read_bytes()
+    assert not list((tmp_path / 'two').glob('.*'))
+    cfg = config('generator', tmp_path, data=str(tmp_path / 'two' / '{00000..00003}.tar'), vqgan=str(vq), steps=2,
+                 batch_size=8)
+    train(cfg)                                                # the trainer reads them as any shards
+    assert len(logged(cfg.out)) == 2 and not (tmp_path / 'run' / 'skipped.log').exists()

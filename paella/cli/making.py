@@ -80,25 +80,49 @@ def cmd_assemble(args):
 
 
 def parse_preencode(p):
-    p.add_argument('data', help='image folder with captions')
-    p.add_argument('out', help='output .safetensors file')
+    p.add_argument('data', help="image folder with captions, or webdataset shards ('in/{000..099}.tar')")
+    p.add_argument('out', help='output .safetensors file; for shards an output folder of shards')
     p.add_argument('--vqgan', required=True, help='VQGAN model folder')
     p.add_argument('--text-encoder', default='minilm', help="minilm, byt5:<path> or none (default: minilm)")
     p.add_argument('--clip', help='CLIP model (transformers format) for clip_text / clip_image')
     p.add_argument('--image-size', type=int, default=64)
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--device')
+    p.epilog = ("Shards on N processes (each its share of the input shards; a rerun skips finished ones): "
+                "torchrun --nproc_per_node=N -m paella.cli preencode 'in/{000..099}.tar' out/ ... "
+                "(or srun: SLURM_PROCID / SLURM_NTASKS)")
+
+
+def process_of():
+    """(rank, world, local rank) under torchrun or SLURM's srun; (0, 1, 0) otherwise."""
+    import os
+
+    def env(*names, default):
+        return int(next((os.environ[n] for n in names if n in os.environ), default))
+    return (env('RANK', 'SLURM_PROCID', default=0), env('WORLD_SIZE', 'SLURM_NTASKS', default=1),
+            env('LOCAL_RANK', 'SLURM_LOCALID', default=0))
 
 
 def cmd_preencode(args):
     import torch
     from ..conditioning import clip_encoder, encoder_spec, load_text_encoder
+    from ..data import is_shards
     from ..train import preencode
     from ..vq import VQModel
     spec = encoder_spec(args.text_encoder)            # a typo is an error before any model loads
+    if is_shards(args.data) and args.device and args.device.startswith('cuda') and ':' not in args.device:
+        args.device = f'cuda:{process_of()[2]}'       # one GPU per process
     vq = VQModel.from_pretrained(args.vqgan, device=args.device, dtype=torch.float32)   # also half-saved ones
     text = None if spec is None else load_text_encoder(spec, args.device)
     clip = clip_encoder(args.clip, device=args.device) if args.clip else None
+    if is_shards(args.data):
+        from ..train.prepare import preencode_shards
+        rank, world, _ = process_of()
+        shards, n, skipped = preencode_shards(args.data, args.out, vq, text, clip, args.image_size, args.batch_size,
+                                              args.device, rank, world)
+        print_skipped(skipped)
+        print(f"process {rank} of {world}: wrote {shards} shards, {n} samples to {args.out}/ ({len(skipped)} skipped)")
+        return
     n, skipped = preencode(args.data, args.out, vq, text, clip, args.image_size, args.batch_size, args.device)
     print_skipped(skipped)
     print(f"wrote {n} samples to {args.out} ({len(skipped)} skipped)")

@@ -1,9 +1,13 @@
 """Data prepared once before training: `preencode` (an image folder through the frozen VQGAN, the text
-encoder and CLIP, into one safetensors file) and `restored_pairs` (the generator's restored tokens with
+encoder and CLIP, into one safetensors file), `preencode_shards` (webdataset shards into shards of the
+same, on N processes, resumable) and `restored_pairs` (the generator's restored tokens with
 the images they should show, to train a VQGAN decoder on)."""
+import io
 import json
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..checkpoint import atomic_write
@@ -69,6 +73,103 @@ def preencode(folder, out, vqgan, text_encoder=None, clip=None, image_size=64, b
             'text_encoder': getattr(text_encoder, 'id', None)}
     write(out, tensors, meta)
     return len(names), skipped
+
+
+def npy(tensor):
+    """A tensor as .npy bytes (a webdataset member)."""
+    buf = io.BytesIO()
+    np.save(buf, tensor.numpy(), allow_pickle=False)
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def encode_batch(raws, samples, vqgan, text_encoder, clip, device):
+    """Output members of a batch: tokens.npy (h, w) int16, text.npy (L, D) fp16 (padded to the encoder's
+    pad_to, as in a preencode file; else unpadded) with text_mask.npy (L,), clip_text.npy / clip_image.npy
+    (D,), the caption and the input's json."""
+    images = torch.stack([s['image'] for s in samples]).to(device or 'cpu')       # (b, 3, S, S)
+    captions = [s['caption'] for s in samples]
+    cols = {'tokens.npy': vqgan.encode_indices(images).to(torch.int16).cpu()}
+    if text_encoder is not None:
+        states, mask = text_encoder.encode(captions)                                 # (b, L, D), (b, L)
+        rows = [slice(None) if text_encoder.pad_to else m for m in mask]           # padded, or the tokens
+        cols['text.npy'] = [s[r].half().cpu() for s, r in zip(states, rows)]
+        cols['text_mask.npy'] = [m[r].cpu() for m, r in zip(mask, rows)]
+    if clip is not None:
+        cols['clip_text.npy'], cols['clip_image.npy'] = clip.encode_text(captions).cpu(), clip.encode_images(images).cpu()
+    out = []
+    for i, raw in enumerate(raws):
+        sample = {'__key__': raw['__key__'], **{k: npy(v[i]) for k, v in cols.items()},
+                  'txt': captions[i].encode('utf-8')}
+        out.append({**sample, 'json': raw['json']} if 'json' in raw else sample)
+    return out
+
+
+def encode_shard(url, vqgan, text_encoder, clip, image_size, batch_size, device):
+    """One input shard -> (its output samples, the (name, reason) of the samples skipped)."""
+    from ..data import decode_shard_sample, select_shard_sample, webdataset_filter
+    from ..shards import read_shard
+    check, done, skipped, pending = webdataset_filter(), [], [], []
+
+    def flush():
+        if pending:
+            done.extend(encode_batch(*zip(*pending), vqgan, text_encoder, clip, device))
+            pending.clear()
+    for raw in read_shard(url):
+        raw = select_shard_sample(raw, check, captions=text_encoder is not None or clip is not None)
+        sample = raw if 'skip' in raw else decode_shard_sample(raw, None, image_size)
+        if 'skip' in sample:
+            skipped.append((sample['name'], sample['skip']))
+            continue
+        pending.append((raw, sample))
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    return done, skipped
+
+
+def preencode_shards(urls, out, vqgan, text_encoder=None, clip=None, image_size=64, batch_size=32, device=None,
+                     rank=0, world=1, log=print):
+    """`preencode` for webdataset shards: input shard i becomes ``out/{i:05d}.tar`` (members as
+    `encode_batch`), written by process ``rank`` of ``world`` when i % world == rank; an output shard that
+    exists is finished (each is written atomically), so a rerun after a kill does the rest. Rank 0 writes
+    ``out/extras.safetensors`` (the empty prompt's states, the settings). Train on ``out/{00000..N-1}.tar``.
+    Returns (shards written, samples written, list of (name, reason) skipped)."""
+    from ..data import EXTRAS
+    from ..shards import expand, write_shard
+    inputs, out = expand(urls), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {'shards': '{%05d..%05d}.tar' % (0, len(inputs) - 1), 'inputs': inputs, 'image_size': image_size,
+            'vqgan': getattr(vqgan, 'source', ''), 'text_encoder': getattr(text_encoder, 'id', None),
+            'clip': clip is not None}
+    if (out / EXTRAS).is_file():
+        from ..data import preencoded_extras
+        old = preencoded_extras(str(out / '00000.tar'))[1]
+        if {k: old.get(k) for k in meta} != meta:
+            raise ValueError(f"{out} holds shards pre-encoded from other inputs or settings: use another folder")
+    elif rank == 0:
+        extras = {}
+        if text_encoder is not None:
+            extras['_uncond_text'] = text_encoder.encode(['']).states.half().cpu()
+        if clip is not None:
+            extras['_uncond_clip'] = clip.encode_text(['']).cpu()
+        write(out / EXTRAS, extras, meta)
+    written, samples, skipped = 0, 0, []
+    for i in range(rank, len(inputs), world):
+        path = out / f'{i:05d}.tar'
+        for stale in out.glob(f'.{path.name}.*.tmp'):        # a write a kill interrupted
+            stale.unlink()
+        if path.exists():
+            continue
+        try:
+            done, bad = encode_shard(inputs[i], vqgan, text_encoder, clip, image_size, batch_size, device)
+        except (OSError, tarfile.TarError) as e:          # no output: a rerun tries it again
+            skipped.append((inputs[i], f"shard unreadable ({getattr(e, 'strerror', None) or e})"))
+            continue
+        write_shard(path, done)
+        written, samples, skipped = written + 1, samples + len(done), skipped + bad
+        log(f"wrote {path} ({len(done)} samples from {inputs[i]}, {len(bad)} skipped)")
+    return written, samples, skipped
 
 
 def restored_pairs(folder, out, pipe, strength=1.0, copies=1, seed=0, batch_size=32):
