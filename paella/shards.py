@@ -120,7 +120,7 @@ class Tally:
     """What a reader has read and why it dropped what it did (for `NoSamples`)."""
 
     def __init__(self):
-        self.read = self.kept = self.decoded = 0
+        self.read = self.selected = self.kept = self.decoded = 0
         self.pass_size = None           # samples that passed the selection in the first full pass
         self.shards, self.unreadable, self.dropped = set(), {}, Counter()
 
@@ -190,8 +190,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _selected(self, reader, readers, tally):
         t0 = time.monotonic()
         for epoch in itertools.count():
-            order = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(
-                (self.seed * 1_000_003 + epoch) * 1_000_003 + self.start))
+            order = np.random.default_rng([self.seed, epoch, self.start]).permutation(len(self.urls))
             passed = 0
             for url in (self.urls[i] for i in share(len(self.urls), reader, readers, order.tolist())):
                 tally.shards.add(url)
@@ -204,12 +203,14 @@ class ShardStream(torch.utils.data.IterableDataset):
                         passed += not isinstance(out, str) and 'skip' not in out
                         if not isinstance(out, str):
                             yield out
-                        if not tally.kept and tally.read and time.monotonic() - t0 > 50:
+                        # 50 s of samples that all fail the cheap checks: stop before a long first pass ends
+                        if not (tally.kept or tally.selected + passed) and time.monotonic() - t0 > 50:
                             raise tally.error()
                 except (OSError, tarfile.TarError) as e:
                     if url not in tally.unreadable:     # reported once: a missing shard is met every epoch
                         tally.unreadable[url] = why = getattr(e, 'strerror', None) or f'{type(e).__name__}: {e}'
                         yield {'skip': f'shard unreadable ({why})', 'name': url}
+            tally.selected += passed
             if tally.pass_size is None:
                 tally.pass_size = passed
                 if not passed and not tally.kept:

@@ -60,13 +60,13 @@ def stream(urls, n, **kw):
     return [next(it) for _ in range(n)]
 
 
-def test_a_bad_shard_trains_to_the_end_and_skipped_log_names_each_bad_sample(tmp_path, minilm):
+def test_a_bad_shard_trains_to_the_end_and_skipped_log_names_each_bad_sample(tmp_path, tiny_t5_dir):
     """Garbage json, null json, no caption (the generator needs one), a 0-byte image, broken images and a
     member cut off by a truncated download: each named in skipped.log with its shard and key; the logged
     count is the number of lines."""
     shard = synth.bad_shard(tmp_path / 'shards', 32)
     cfg = config('generator', tmp_path, data=str(shard), vqgan=str(tiny_vqgan(tmp_path / 'vq')), steps=4,
-                 batch_size=16)
+                 batch_size=16, text_encoder=f'byt5:{tiny_t5_dir}')
     train(cfg)
     log = (tmp_path / 'run' / 'skipped.log').read_text().splitlines()
     for key, why in synth.BAD_SAMPLES.items():
@@ -157,19 +157,21 @@ def npy(data):
     return torch.from_numpy(np.load(io.BytesIO(data)))
 
 
-def test_preencode_shards_by_two_processes_resumes_and_trains_like_the_file(tmp_path, minilm):
+def test_preencode_shards_by_two_processes_resumes_and_trains_like_the_file(tmp_path, tiny_t5_dir, tiny_clip_dir):
     """Each process encodes its share of the input shards; the tokens are the VQGAN's on the same images,
-    the text states the encoder's; a rerun skips finished shards and clears interrupted writes; the trainer
-    gets the rows of a preencode file of the same images, so its loss is the same."""
+    text states and CLIP embeddings the encoders'; a rerun skips finished shards and clears interrupted
+    writes; the trainer gets the rows of a preencode file of the same images, so its loss is the same."""
+    from PIL import Image
+    from paella.conditioning import byt5_encoder, clip_encoder
     from paella.data import Preencoded, collate, webdataset_images
     from paella.shards import expand, read_shard
     from paella.train.distributed import Slice
     from paella.train.prepare import preencode, preencode_shards
     from paella.train.recipes import GeneratorTask
     urls = synth.shards(tmp_path / 'in', 4, size=32)
-    vq = VQModel.from_pretrained(tiny_vqgan(tmp_path / 'vq'))
+    vq, t5, clip = VQModel.from_pretrained(tiny_vqgan(tmp_path / 'vq')), byt5_encoder(tiny_t5_dir), clip_encoder(tiny_clip_dir)
     out = tmp_path / 'pre'
-    run = lambda rank: preencode_shards(urls, out, vq, minilm, image_size=32, batch_size=3, rank=rank, world=2,
+    run = lambda rank: preencode_shards(urls, out, vq, t5, clip, image_size=32, batch_size=8, rank=rank, world=2,
                                         log=lambda line: None)
     assert run(1)[:2] == (2, 16) and sorted(p.name for p in out.glob('*.tar')) == ['00001.tar', '00003.tar']
     assert run(0)[:2] == (2, 16)
@@ -180,28 +182,33 @@ def test_preencode_shards_by_two_processes_resumes_and_trains_like_the_file(tmp_
     assert (out / '00002.tar').read_bytes() == first and not list(out.glob('.*.tmp'))
     for i, url in enumerate(expand(urls)):
         images, written = centre_images(url), list(read_shard(str(out / f'{i:05d}.tar')))
-        image, caption = zip(*(images[r['__key__']] for r in written))
-        assert [r['txt'].decode() for r in written] == list(caption) and len(written) == 8
+        image, caption = (list(x) for x in zip(*(images[r['__key__']] for r in written)))
+        assert [r['txt'].decode() for r in written] == caption and len(written) == 8
         with torch.no_grad():
-            tokens, text = vq.encode_indices(torch.stack(image)), minilm.encode(list(caption)).states.half()
+            tokens, text = vq.encode_indices(torch.stack(image)), t5.encode(caption)
+            clips = {'clip_text': clip.encode_text(caption), 'clip_image': clip.encode_images(torch.stack(image))}
         assert torch.equal(torch.stack([npy(r['tokens.npy']) for r in written]).long(), tokens)
-        assert torch.equal(torch.stack([npy(r['text.npy']) for r in written]), text)
+        for r, states, mask in zip(written, *text):           # the caption's tokens, unpadded (ByT5 pads to
+            assert torch.equal(npy(r['text.npy']), states[mask].half())        # the longest of a batch)
+        for k, v in clips.items():
+            assert torch.equal(torch.stack([npy(r[k + '.npy']) for r in written]), v), k
     # The same 8 images as a folder, pre-encoded into one file: the trainer gets the same rows from both.
     folder = tmp_path / 'folder'
     folder.mkdir()
     for key, (image, caption) in centre_images(expand(urls)[0]).items():
-        from PIL import Image
         Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(folder / f'{key}.png')
         (folder / f'{key}.txt').write_text(caption)
-    preencode(folder, tmp_path / 'pre.safetensors', vq, minilm, image_size=32)
+    preencode(folder, tmp_path / 'pre.safetensors', vq, t5, clip, image_size=32)
     rows = Preencoded(tmp_path / 'pre.safetensors')
     stream = webdataset_images(str(out / '00000.tar'), 32, shuffle=1, resample=False)
     a, _ = collate(list(stream))
     b, _ = collate([rows[i] for i in range(len(rows))])
-    for k in ('tokens', 'text', 'text_mask'):
+    assert set(a) - {'caption', 'name'} == set(b) == {'tokens', 'text', 'text_mask', 'clip_text', 'clip_image'}
+    for k in b:
         assert torch.equal(a[k], b[k]), k
-    assert torch.equal(stream.extras['uncond_text'], rows.extras['uncond_text'])
-    cfg = config('generator', tmp_path, data=str(tmp_path / 'pre.safetensors'))
+    for k in ('uncond_text', 'uncond_clip'):
+        assert torch.equal(stream.extras[k], rows.extras[k]), k
+    cfg = config('generator', tmp_path, data=str(tmp_path / 'pre.safetensors'), p_drop_clip_image=0.0)
     task = GeneratorTask(cfg, torch.device('cpu'))
     loss = lambda batch: task.loss(task.model, batch, Slice(0, 8, 8, torch.Generator().manual_seed(0)))[0]
     assert torch.equal(loss(a), loss(b))
