@@ -4,6 +4,10 @@ Images are decoded with Pillow, converted to RGB, resized (short side) and cropp
 sample (truncated, empty, not an image, too small, a decompression bomb, ...) never stops training: it
 comes back as ``{'skip': reason, 'name': ...}`` so the trainer can count and report it. Random crops are
 seeded by (seed, epoch, index), so a sample looks the same whichever worker or process loads it.
+
+Shards (`webdataset_images`): the tar reading and the seeded stream are paella.shards; here, what a shard
+sample must pass (json that parses to an object, the LAION filters, a caption where one is needed, an
+image or pre-encoded members) and how it is decoded. A bad one is a skip record named ``SHARD#KEY``.
 """
 import csv
 import io
@@ -16,7 +20,7 @@ import torch
 from PIL import Image
 
 from .images import flatten, resize_crop
-from .shards import NoSamples, ShardStream, expand  # noqa: F401  (NoSamples: re-exported for the trainer)
+from .shards import EXTRAS, NoSamples, ShardStream, preencoded_extras  # noqa: F401  (re-exported)
 
 IMAGE_EXTS = {'.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff'}
 MAX_PIXELS = 64_000_000          # larger images are skipped as potential decompression bombs
@@ -305,18 +309,3 @@ def webdataset_images(urls, image_size=256, seed=0, shuffle=1000, captions=True,
                        lambda raw, rng: decode_shard_sample(raw, rng if random_crop else None, image_size,
                                                             check.min_size),
                        seed=seed, shuffle=shuffle, resample=resample, extras=extras, meta=meta)
-
-
-EXTRAS = 'extras.safetensors'       # beside pre-encoded shards: the empty prompt's states, the settings
-
-
-def preencoded_extras(urls):
-    """({'uncond_text', 'uncond_clip'}, metadata) of the `paella preencode` shards ``urls`` (the EXTRAS
-    file beside the first shard), or ({}, {}) for other shards."""
-    first = expand(urls)[0] if not str(urls).startswith('pipe:') else ''
-    path = Path(first).parent / EXTRAS if first else None
-    if path is None or not path.is_file():
-        return {}, {}
-    from safetensors import safe_open
-    with safe_open(str(path), framework='pt') as f:
-        return {k[1:]: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get('paella', '{}'))

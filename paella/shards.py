@@ -11,6 +11,7 @@ shards (or 50 s), instead of looping forever.
 """
 import io
 import itertools
+import json
 import os
 import re
 import tarfile
@@ -217,6 +218,21 @@ class ShardStream(torch.utils.data.IterableDataset):
                     raise tally.error()
             if not self.resample:
                 return
+
+
+EXTRAS = 'extras.safetensors'       # beside pre-encoded shards: the empty prompt's states, the settings
+
+
+def preencoded_extras(urls):
+    """({'uncond_text', 'uncond_clip'}, metadata) of the `paella preencode` shards ``urls`` (the EXTRAS
+    file beside the first shard), or ({}, {}) for other shards."""
+    first = expand(urls)[0] if not str(urls).startswith('pipe:') else ''
+    path = Path(first).parent / EXTRAS if first else None
+    if path is None or not path.is_file():
+        return {}, {}
+    from safetensors import safe_open
+    with safe_open(str(path), framework='pt') as f:
+        return {k[1:]: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get('paella', '{}'))
 
 
 def write_shard(path, samples):

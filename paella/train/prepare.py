@@ -135,15 +135,13 @@ def preencode_shards(urls, out, vqgan, text_encoder=None, clip=None, image_size=
     exists is finished (each is written atomically), so a rerun after a kill does the rest. Rank 0 writes
     ``out/extras.safetensors`` (the empty prompt's states, the settings). Train on ``out/{00000..N-1}.tar``.
     Returns (shards written, samples written, list of (name, reason) skipped)."""
-    from ..data import EXTRAS
-    from ..shards import expand, write_shard
+    from ..shards import EXTRAS, expand, preencoded_extras, write_shard
     inputs, out = expand(urls), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {'shards': '{%05d..%05d}.tar' % (0, len(inputs) - 1), 'inputs': inputs, 'image_size': image_size,
             'vqgan': getattr(vqgan, 'source', ''), 'text_encoder': getattr(text_encoder, 'id', None),
             'clip': clip is not None}
     if (out / EXTRAS).is_file():
-        from ..data import preencoded_extras
         old = preencoded_extras(str(out / '00000.tar'))[1]
         if {k: old.get(k) for k in meta} != meta:
             raise ValueError(f"{out} holds shards pre-encoded from other inputs or settings: use another folder")
