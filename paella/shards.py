@@ -236,17 +236,20 @@ def preencoded_extras(urls):
 
 
 def write_shard(path, samples):
-    """Write {'__key__', EXT: bytes, ...} samples as a tar shard, atomically (a temporary file beside it,
-    then a rename) and byte-reproducibly (fixed times, modes and owners)."""
+    """Write {'__key__', EXT: bytes, ...} samples (an iterable, consumed as written) as a tar shard,
+    atomically (a temporary file beside it, then a rename) and byte-reproducibly (fixed times, modes and
+    owners). Returns the number of samples."""
     from .checkpoint import atomic_write
+    count = 0
 
     def write(tmp):
+        nonlocal count
         with tarfile.open(tmp, 'w', format=tarfile.USTAR_FORMAT) as tar:
-            for sample in samples:
+            for count, sample in enumerate(samples, 1):
                 for ext, data in sample.items():
                     if not ext.startswith('__'):
                         info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
                         info.size, info.mtime, info.mode = len(data), 0, 0o644
                         tar.addfile(info, io.BytesIO(data))
     atomic_write(path, write)
-    return Path(path)
+    return count

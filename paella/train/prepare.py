@@ -3,6 +3,7 @@ encoder and CLIP, into one safetensors file), `preencode_shards` (webdataset sha
 same, on N processes, resumable) and `restored_pairs` (the generator's restored tokens with
 the images they should show, to train a VQGAN decoder on)."""
 import io
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -105,17 +106,12 @@ def encode_batch(raws, samples, vqgan, text_encoder, clip, device):
     return out
 
 
-def encode_shard(url, vqgan, text_encoder, clip, image_size, batch_size, device):
-    """One input shard -> (its output samples, the (name, reason) of the samples skipped)."""
+def encode_shard(raws, vqgan, text_encoder, clip, image_size, batch_size, device, skipped):
+    """The output samples of one input shard's raw samples, batch by batch (a shard never waits whole in
+    memory); the (name, reason) of the samples skipped are appended to ``skipped``."""
     from ..data import decode_shard_sample, select_shard_sample, webdataset_filter
-    from ..shards import read_shard
-    check, done, skipped, pending = webdataset_filter(), [], [], []
-
-    def flush():
-        if pending:
-            done.extend(encode_batch(*zip(*pending), vqgan, text_encoder, clip, device))
-            pending.clear()
-    for raw in read_shard(url):
+    check, pending = webdataset_filter(), []
+    for raw in raws:
         raw = select_shard_sample(raw, check, captions=text_encoder is not None or clip is not None)
         sample = raw if 'skip' in raw else decode_shard_sample(raw, None, image_size)
         if 'skip' in sample:
@@ -123,9 +119,10 @@ def encode_shard(url, vqgan, text_encoder, clip, image_size, batch_size, device)
             continue
         pending.append((raw, sample))
         if len(pending) == batch_size:
-            flush()
-    flush()
-    return done, skipped
+            yield from encode_batch(*zip(*pending), vqgan, text_encoder, clip, device)
+            pending.clear()
+    if pending:
+        yield from encode_batch(*zip(*pending), vqgan, text_encoder, clip, device)
 
 
 def preencode_shards(urls, out, vqgan, text_encoder=None, clip=None, image_size=64, batch_size=32, device=None,
@@ -135,7 +132,7 @@ def preencode_shards(urls, out, vqgan, text_encoder=None, clip=None, image_size=
     exists is finished (each is written atomically), so a rerun after a kill does the rest. Rank 0 writes
     ``out/extras.safetensors`` (the empty prompt's states, the settings). Train on ``out/{00000..N-1}.tar``.
     Returns (shards written, samples written, list of (name, reason) skipped)."""
-    from ..shards import EXTRAS, expand, preencoded_extras, write_shard
+    from ..shards import EXTRAS, expand, preencoded_extras, read_shard, write_shard
     inputs, out = expand(urls), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {'shards': '{%05d..%05d}.tar' % (0, len(inputs) - 1), 'inputs': inputs, 'image_size': image_size,
@@ -146,6 +143,8 @@ def preencode_shards(urls, out, vqgan, text_encoder=None, clip=None, image_size=
         if {k: old.get(k) for k in meta} != meta:
             raise ValueError(f"{out} holds shards pre-encoded from other inputs or settings: use another folder")
     elif rank == 0:
+        for stale in out.glob(f'.{EXTRAS}.*.tmp'):
+            stale.unlink()
         extras = {}
         if text_encoder is not None:
             extras['_uncond_text'] = text_encoder.encode(['']).states.half().cpu()
@@ -159,14 +158,17 @@ def preencode_shards(urls, out, vqgan, text_encoder=None, clip=None, image_size=
             stale.unlink()
         if path.exists():
             continue
+        raws = read_shard(inputs[i])
         try:
-            done, bad = encode_shard(inputs[i], vqgan, text_encoder, clip, image_size, batch_size, device)
-        except (OSError, tarfile.TarError) as e:          # no output: a rerun tries it again
+            first = next(raws, None)                           # opens the input
+        except (OSError, tarfile.TarError) as e:             # no output: a rerun tries it again
             skipped.append((inputs[i], f"shard unreadable ({getattr(e, 'strerror', None) or e})"))
             continue
-        write_shard(path, done)
-        written, samples, skipped = written + 1, samples + len(done), skipped + bad
-        log(f"wrote {path} ({len(done)} samples from {inputs[i]}, {len(bad)} skipped)")
+        bad = []
+        done = write_shard(path, encode_shard(itertools.chain([first] if first else [], raws), vqgan, text_encoder,
+                                              clip, image_size, batch_size, device, bad))
+        written, samples, skipped = written + 1, samples + done, skipped + bad
+        log(f"wrote {path} ({done} samples from {inputs[i]}, {len(bad)} skipped)")
     return written, samples, skipped
 
 
