@@ -12,16 +12,17 @@ __all__ = ['CheckpointError', 'Paella', 'PaellaConfig', 'Pipeline', 'PriorConfig
 
 _HOME = {'CheckpointError': 'checkpoint', 'read_state_dict': 'checkpoint', 'Paella': 'model',
          'PaellaConfig': 'model', 'add_noise': 'noise', 'loss_weight': 'noise', 'Pipeline': 'pipeline',
-         'Settings': 'pipeline', 'PriorConfig': 'prior', 'PriorModel': 'prior', 'sample': 'sampler',
+         'Settings': 'settings', 'PriorConfig': 'prior', 'PriorModel': 'prior', 'sample': 'sampler',
          'VQConfig': 'vq', 'VQModel': 'vq'}
 
 if TYPE_CHECKING:                     # what editors and type checkers see; never run
     from .checkpoint import CheckpointError, read_state_dict
     from .model import Paella, PaellaConfig
     from .noise import add_noise, loss_weight
-    from .pipeline import Pipeline, Settings
+    from .pipeline import Pipeline
     from .prior import PriorConfig, PriorModel
     from .sampler import sample
+    from .settings import Settings
     from .vq import VQConfig, VQModel
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import checks
 from .guidance import RegionalModel
 from .images import load_image, open_image_as_is
 from .noise import add_noise
@@ -74,17 +75,16 @@ def pixel_to_token_mask(mask, f, dilate=0):
     return tokens
 
 
-def canvas_size(size, image, m):
-    """The outpainting canvas (W, H): ``size`` checked against the ``image`` size (w, h) and rounded up to
-    multiples of ``m``, with a warning."""
-    if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(int(v) == v and v > 0 for v in size)):
-        raise ValueError(f"size must be (width, height) in pixels, got {size!r}")
-    cw, ch = (int(v) for v in size)
+def canvas_size(size, image, m, caps):
+    """The outpainting canvas (W, H): ``size`` checked against the ``image`` size (w, h) and the ``caps``,
+    and rounded up to multiples of ``m``, with a warning."""
+    cw, ch = checks.canvas(size, 1, caps)
     w, h = image
     if cw < w or ch < h:
         raise ValueError(f"the canvas {cw}x{ch} is smaller than the image {w}x{h}")
     if cw % m or ch % m:
         cw, ch = -(-cw // m) * m, -(-ch // m) * m
+        checks.canvas((cw, ch), 1, caps)
         warnings.warn(f"canvas rounded up to {cw}x{ch}: sides must be multiples of {m} for this model")
     return cw, ch
 
@@ -99,7 +99,7 @@ def place(position, canvas, image, f):
         x = 0 if 'left' in position else cw - w if 'right' in position else (cw - w) // 2
         y = 0 if 'top' in position else ch - h if 'bottom' in position else (ch - h) // 2
     elif isinstance(position, (tuple, list)) and len(position) == 2:
-        x, y = (int(v) for v in position)
+        x, y = (checks.integer(v, f'position {axis}', -10 ** 6, 10 ** 6) for v, axis in zip(position, 'xy'))
     else:
         raise ValueError(f"position must be one of {POSITIONS} or (x, y), got {position!r}")
     sx, sy = x // f * f, y // f * f
@@ -149,15 +149,19 @@ def region_mask(region, size):
     return load_mask(region, size)
 
 
-def region_weights(regions, size, background, m, f):
+def region_weights(regions, size, background, m, f, caps):
     """The prompts of ``regions`` (and ``background`` where none covers) and their blend weights (R, h, w):
     each prompt's share of a token is the fraction of its pixels that the region covers, normalised.
     ``size`` (W, H): the canvas, in multiples of ``m``; ``f``: the VQGAN's downsampling."""
     if not isinstance(regions, (list, tuple)) or not regions:
         raise ValueError("regions must be a non-empty list of (prompt, box or mask)")
+    checks.count(len(regions), 'the number of regions', caps.regions)
     if not all(isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], str) for r in regions):
         raise ValueError("each region must be a pair (prompt, box or mask)")
-    if len(size) != 2 or size[0] % m or size[1] % m or min(size) <= 0:
+    for p in [r[0] for r in regions] + [background]:
+        checks.text(p, 'a region prompt', caps.prompt)
+    size = checks.canvas(size, 1, caps)
+    if size[0] % m or size[1] % m:
         raise ValueError(f"size must be (width, height) with multiples of {m}, got {size!r}")
     masks = [region_mask(box, size) for _, box in regions]
     prompts = [p for p, _ in regions]
@@ -170,50 +174,67 @@ def region_weights(regions, size, background, m, f):
     return prompts, cover / cover.sum(0, keepdim=True).clamp(min=1e-8)             # (R, h, w)
 
 
-def _as_list(x):
-    return list(x) if isinstance(x, (list, tuple)) else [x]
+def _images(x, pipe):
+    """An image or a list of them (at most the pipeline's cap)."""
+    images = list(x) if isinstance(x, (list, tuple)) else [x]
+    if not images:
+        raise ValueError("give an image or a non-empty list of images")
+    checks.count(len(images), 'the number of images', pipe.caps.images)
+    return images
 
 
-def _broadcast(prompt, b):
-    prompts = _as_list(prompt)
+def _broadcast(prompt, b, pipe):
+    prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
     if len(prompts) == 1:
         prompts = prompts * b
     if len(prompts) != b or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"give one prompt (a string) or one per image ({b})")
-    return prompts
+    return [checks.text(p, 'prompt', pipe.caps.prompt) for p in prompts]
 
 
 def inpaint(pipe, image, mask, prompt, dilate=0, keep_pixels=True, o=Options()):
     """Regenerate the masked part (white = regenerate) of an image, or of each image of a list (one mask,
     or one per image, at the image's pixel size). Tokens outside the mask stay exactly the image's; with
-    ``keep_pixels`` the unmasked pixels of the result are the input's own."""
-    images = [load_image(im) for im in _as_list(image)]
-    masks = _as_list(mask) if isinstance(mask, (list, tuple)) else [mask] * len(images)
-    if len(masks) != len(images):
-        raise ValueError(f"give one mask or one per image: {len(masks)} masks for {len(images)} images")
-    masks = [load_mask(m, im.size) for m, im in zip(masks, images)]
-    if dilate < 0:
-        raise ValueError(f"dilate must be >= 0, got {dilate}")
-    size, f = pipe.image_size, pipe.vqgan.downsampling
-    images = [im.resize(size, Image.BICUBIC) for im in images]     # a copy where the size is already right
+    ``keep_pixels`` the unmasked pixels of the result are the input's own. An image of another size than
+    the model's canvas is inpainted on the canvas and comes back at its own size (with a note)."""
+    originals = [load_image(im) for im in _images(image, pipe)]
+    masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * len(originals)
+    if len(masks) != len(originals):
+        raise ValueError(f"give one mask or one per image: {len(masks)} masks for {len(originals)} images")
+    originals_masks = [load_mask(m, im.size) for m, im in zip(masks, originals)]
+    dilate = checks.integer(dilate, 'dilate', 0, max(pipe.settings.latent_size))
+    prompts, size, f = _broadcast(prompt, len(originals), pipe), pipe.image_size, pipe.vqgan.downsampling
+    for im in originals:
+        if im.size != size:
+            warnings.warn(f"the {im.size[0]}x{im.size[1]} image is inpainted on the model's {size[0]}x{size[1]} "
+                          f"canvas and scaled back")
+    images = [im.resize(size, Image.BICUBIC) for im in originals]   # a copy where the size is already right
     # A token is regenerated if any of its pixels is: masks are resized with a max filter (BOX > 0).
-    masks = [np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(size, Image.BOX)) > 0 for m in masks]
+    masks = [np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(size, Image.BOX)) > 0
+             for m in originals_masks]
     init = pipe.encode_images(images)                                               # (B, h, w)
     token_mask = torch.stack([pixel_to_token_mask(m, f, dilate) for m in masks]).to(init.device)
-    tokens = pipe.run(_broadcast(prompt, len(images)), o, init_x=init, mask=token_mask)
-    paste = [(im, ~m, (0, 0)) for im, m in zip(images, masks)] if keep_pixels else None
-    return pipe.decode(tokens, o.output, paste)
+    tokens = pipe.run(prompts, o, init_x=init, mask=token_mask)
+    if o.output == 'tokens':
+        return tokens
+    out = [r.resize(im.size, Image.BICUBIC) for r, im in zip(pipe.decode(tokens), originals)]
+    for i, (im, m) in enumerate(zip(originals, originals_masks) if keep_pixels else ()):
+        pixels = np.asarray(out[i]).copy()                                          # (H, W, 3)
+        pixels[~m] = np.asarray(im)[~m]
+        out[i] = Image.fromarray(pixels)
+    return out
 
 
 def outpaint(pipe, image, prompt, size, position='center', keep_pixels=True, o=Options()):
     """Place the image (or each of a list, all of one size) on a canvas of ``size`` (W, H) pixels at
     ``position`` ('center', 'left', 'top-right', ... or the (x, y) of its top-left corner) and generate
     the rest. Sizes and positions that the model's downsampling cannot take are rounded, with a warning."""
-    images = [load_image(im) for im in _as_list(image)]
+    images = [load_image(im) for im in _images(image, pipe)]
     if len({im.size for im in images}) != 1:
         raise ValueError("images to outpaint together must have the same size")
     f, (w, h) = pipe.vqgan.downsampling, images[0].size
-    cw, ch = canvas_size(size, (w, h), pipe.pixel_multiple)
+    cw, ch = canvas_size(size, (w, h), pipe.pixel_multiple, pipe.caps)
+    prompts = _broadcast(prompt, len(images), pipe)
     if w % f or h % f:
         w, h = max(f, w // f * f), max(f, h // f * f)
         warnings.warn(f"image resized to {w}x{h}: sides must be multiples of the VQGAN's {f}")
@@ -224,7 +245,7 @@ def outpaint(pipe, image, prompt, size, position='center', keep_pixels=True, o=O
     init[:, y // f:(y + h) // f, x // f:(x + w) // f] = tokens
     mask = torch.ones_like(init, dtype=torch.bool)                                  # (B, H/f, W/f)
     mask[:, y // f:(y + h) // f, x // f:(x + w) // f] = False
-    out = pipe.run(_broadcast(prompt, len(images)), o, init_x=init, mask=mask)
+    out = pipe.run(prompts, o, init_x=init, mask=mask)
     keep = np.ones((h, w), dtype=bool)
     return pipe.decode(out, o.output, [(im, keep, (x, y)) for im in images] if keep_pixels else None)
 
@@ -233,11 +254,10 @@ def edit(pipe, image, prompt, strength=0.5, o=Options()):
     """Structural editing: the image's tokens with a fraction ``strength`` replaced by random tokens,
     denoised toward the prompt from noise level ``strength`` in ceil(steps x strength) steps. Strength 0
     returns the image's tokens unchanged; strength 1 is generation from noise (same seed, same image)."""
-    if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
-    images = _as_list(image)
+    strength = checks.number(strength, 'strength', 0, 1)
+    images = _images(image, pipe)
+    prompts = _broadcast(prompt, len(images), pipe)
     init = pipe.encode_images(images)                                               # (B, h, w)
-    prompts = _broadcast(prompt, len(images))
     if strength == 0:
         return pipe.decode(init, o.output)
     if strength == 1:
@@ -256,8 +276,7 @@ def variations(pipe, image, n=4, prompt='', strength=0.6, o=Options()):
     """n variations of one image. With a CLIP encoder in the pipeline (Paella v3): sampled from noise
     given the image's CLIP embedding (and ``prompt``). Otherwise: `edit` of the image's own tokens at
     ``strength`` (toward ``prompt``, empty by default) with n draws of the noise."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+    n = checks.count(n, 'n', pipe.caps.images)
     image = load_image(image)
     if pipe.clip is None:
         return edit(pipe, [image] * n, prompt, strength, o)
@@ -270,12 +289,10 @@ def interpolate(pipe, prompt_a, prompt_b, n=5, method='linear', o=Options(seed=0
     """n images along the conditioning from prompt_a to prompt_b ('linear' or 'slerp'), every one sampled
     from the same generator state (the seed's, or the given generator's), so the first and the last are
     exactly plain generation from each prompt."""
-    if not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an integer >= 2, got {n!r}")
-    if method not in ('linear', 'slerp'):
-        raise ValueError(f"method must be 'linear' or 'slerp', got {method!r}")
-    if not all(isinstance(p, str) for p in (prompt_a, prompt_b)):
-        raise ValueError("prompt_a and prompt_b must be strings")
+    n = checks.count(n, 'n', pipe.caps.images, lo=2)
+    checks.choice(method, 'method', ('linear', 'slerp'))
+    for p, name in ((prompt_a, 'prompt_a'), (prompt_b, 'prompt_b')):
+        checks.text(p, name, pipe.caps.prompt)
     s, generator = pipe.settings_with(o.overrides), o.rng(pipe.device)
     start = generator.get_state()
     cond_a, uncond, attn = pipe.conditions([prompt_a], o.negative_prompt, s, generator)
@@ -295,9 +312,10 @@ def regional(pipe, regions, size=None, background='', num_images=1, o=Options())
     with box = (x0, y0, x1, y1) in pixels of the canvas, or (prompt, mask image / array of the canvas
     size). Pixels outside every region follow ``background``. ``size`` (W, H): the canvas (default the
     pipeline's). Logits are blended per token by the regions' coverage (overlaps share)."""
-    size = tuple(size or pipe.image_size)
-    prompts, weights = region_weights(regions, size, background, pipe.pixel_multiple, pipe.vqgan.downsampling)
-    generator, b = o.rng(pipe.device), num_images
+    b = checks.count(num_images, 'num_images', pipe.caps.images)
+    prompts, weights = region_weights(regions, size or pipe.image_size, background, pipe.pixel_multiple,
+                                      pipe.vqgan.downsampling, pipe.caps)
+    generator = o.rng(pipe.device)
     cond, uncond, attn = pipe.conditions(prompts, o.negative_prompt, pipe.settings_with(o.overrides), generator)
     # The conditional branch: R*b rows, region-major; the unconditional one: b rows of the first.
     cond = {k: v.repeat_interleave(b, 0) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}

@@ -7,14 +7,15 @@ the settings) and a model folder per trained component (``generator/``, ``vqgan/
 """
 import json
 import time
-from dataclasses import asdict, dataclass, fields, replace
+import warnings
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import editing
+from . import checks, editing
 from .checkpoint import CheckpointError, atomic_write
 from .editing import Options
 from .guidance import v3_attn_weights
@@ -22,37 +23,8 @@ from .images import load_image, tokens_to_images
 from .model import Paella
 from .prior import PriorModel, sample_prior
 from .sampler import sample
+from .settings import PIPELINE_NAME, Settings, read_meta, tuples
 from .vq import VQModel
-
-PIPELINE_NAME = 'pipeline.json'
-
-
-@dataclass
-class Settings:
-    """Sampling settings of a pipeline. The defaults are neutral, for a freshly trained model without CLIP
-    or prior: guidance at every step and no attention reweighting. `Settings.v3()`: the published demo's."""
-    latent_size: tuple = (16, 16)                   # token grid (H, W): 64 px with an f4 VQGAN, as trained
-    steps: int = 12                                 # the shipped emoji model's count
-    renoise_steps: int | None = None                # None: every step but the last re-noises (the sampler's)
-    temperature: tuple = (1.0, 0.2)                 # linear from start to end (the sampler's default)
-    cfg: float | tuple | None = 3.0                 # the shipped model's starting scale, held constant
-    sampling_conditional_steps: int | None = None   # guidance for the first N steps only; None: all
-    mode: str = 'cdf'                               # the published step is 'multinomial' (paella.speed)
-    batch_cfg: bool = True                          # one forward for both CFG branches
-    cache: bool = True                              # conditioning keys/values computed once per run
-    attn_text_weight: float | None = None           # attention reweighting when an image embedding is used
-    attn_image_weight: float | None = None
-    prior_steps: int = 60
-    prior_cfg: float | None = 3.0
-    prior_sampler: str = 'ddpm'
-
-    @classmethod
-    def v3(cls):
-        """The published Paella v3 demo's settings."""
-        return cls(latent_size=(64, 64), steps=32, renoise_steps=26, temperature=(1.2, 0.2), cfg=8.0,
-                   sampling_conditional_steps=20, mode='cdf', batch_cfg=True, cache=True, attn_text_weight=1.2,
-                   attn_image_weight=0.4, prior_steps=60, prior_cfg=3.0, prior_sampler='ddpm')
-
 
 def default_model_path():
     """The folder of the default emoji model inside the installed package."""
@@ -65,11 +37,6 @@ def _source(name_or_path):
     return str(p.resolve()) if p.exists() else str(name_or_path)
 
 
-def _tuples(values):
-    """Settings values as JSON stores them (lists) back to tuples."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-
-
 class Pipeline:
     """Text to image (``pipe(prompts)``) and the editing modes of `paella.editing`."""
 
@@ -78,6 +45,7 @@ class Pipeline:
         self.runner = self.generator                # what the sampler calls: the generator, or compiled
         self.clip, self.prior = clip, prior.eval() if prior is not None else None
         self.settings = settings or Settings()
+        self.caps = checks.Caps()       # the most one call may ask for (steps, canvas side, images, ...)
         self.specs = specs or {}      # how to reload the encoders: {'text_encoder': {...}, 'clip': {...}}
         cfg = generator.config
         if text_encoder.width != cfg.byt5_embd:
@@ -140,7 +108,7 @@ class Pipeline:
             raise ValueError("a pipeline needs a text encoder, got 'none'")
         gen, vq = Paella.from_pretrained(generator), VQModel.from_pretrained(vqgan)
         grid = image_size // vq.downsampling
-        s = Settings(**_tuples({'latent_size': (grid, grid), **settings}))
+        s = checks.settings(Settings(**tuples({'latent_size': (grid, grid), **settings})), checks.Caps())
         return cls(gen, vq, load_text_encoder(spec), settings=s, specs={'text_encoder': spec})
 
     def save_pretrained(self, folder, dtype=None):
@@ -163,6 +131,7 @@ class Pipeline:
         VQGAN and the text encoder stay float32."""
         from .conditioning import clip_encoder, load_text_encoder
         from .speed import resolve_dtype
+        device = checks.device(device)
         dtype = resolve_dtype(dtype, device)
         folder = Path(folder) if folder is not None else default_model_path()
         if not (folder / PIPELINE_NAME).is_file() and folder == default_model_path():
@@ -170,7 +139,7 @@ class Pipeline:
                                   f"pass a pipeline folder")
         if not (folder / PIPELINE_NAME).is_file():
             raise CheckpointError(f"{folder} is not a pipeline folder: it has no {PIPELINE_NAME}")
-        meta = json.loads((folder / PIPELINE_NAME).read_text())
+        meta = read_meta(folder / PIPELINE_NAME)
         # Weights may be stored in half precision to keep the package small; compute in `dtype`.
         def load(cls_, sub, dt=dtype):
             return cls_.from_pretrained(folder / sub, device=device, dtype=dt)
@@ -178,12 +147,23 @@ class Pipeline:
         return cls(load(Paella, 'generator'), load(VQModel, 'vqgan', torch.float32),
                    load_text_encoder(meta['text_encoder'], device),
                    clip_encoder(meta['clip']['path'], device=device) if meta.get('clip') else None,
-                   prior, Settings(**_tuples(meta['settings'])),
+                   prior, meta['settings'],
                    {k: meta[k] for k in ('text_encoder', 'clip') if k in meta})
 
     def settings_with(self, overrides):
-        """The pipeline's settings with some fields replaced (a dict: steps=, cfg=, ...)."""
-        return replace(self.settings, **overrides)
+        """The pipeline's settings with some fields replaced (a dict: steps=, cfg=, ...), each checked."""
+        checks.overrides(overrides, Settings)
+        return checks.settings(replace(self.settings, **tuples(overrides)), self.caps)
+
+    def options(self, seed=None, generator=None, negative_prompt='', callback=None, output='pil', overrides=None):
+        """One call's `Options`, every value checked before any work (`paella.checks`)."""
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be a function (i, tokens), got {type(callback).__name__}")
+        self.settings_with(overrides or {})
+        return Options(checks.seed(seed), generator, checks.text(negative_prompt, 'negative_prompt', self.caps.prompt),
+                       callback, checks.choice(output, 'output', ('pil', 'tokens')), overrides or {})
 
     def conditions(self, prompts, negative_prompt='', settings=None, generator=None, image_embeddings=None):
         """(conditional inputs, unconditional inputs, attention weights) for the sampler. With a CLIP
@@ -227,6 +207,8 @@ class Pipeline:
         t1 = time.perf_counter()
         # (B, H, W): the initial tokens' shape, or one grid per row of the unconditional branch
         shape = tuple(init_x.shape) if init_x is not None else (len(uncond['byt5']), *s.latent_size)
+        checks.count(shape[0], 'the number of images', self.caps.images)
+        checks.canvas([v * self.vqgan.downsampling for v in shape[:0:-1]], 1, self.caps, 'canvas')
         tokens = sample(model or self.runner, cond, shape, uncond, steps=s.steps, renoise_steps=s.renoise_steps,
                         temperature=s.temperature, cfg=s.cfg, t_start=t_start,
                         sampling_conditional_steps=s.sampling_conditional_steps, init_x=init_x, mask=mask,
@@ -244,6 +226,8 @@ class Pipeline:
         for im in images if isinstance(images, (list, tuple)) else [images]:
             im = load_image(im)
             if im.size != size:
+                warnings.warn(f"the {im.size[0]}x{im.size[1]} image is resized to the model's {size[0]}x{size[1]} "
+                              f"canvas")
                 im = im.resize(size, Image.BICUBIC)
             pixels.append(np.asarray(im, dtype=np.float32) / 255)
         x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(self.device)   # (B, 3, H, W)
@@ -269,16 +253,14 @@ class Pipeline:
                **overrides):
         """Sampled token grids (B, H, W) for a prompt or a list of prompts. ``timings`` (a dict) receives
         the seconds spent encoding the text and sampling."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("give a prompt or a non-empty list of prompts (strings)")
-        return self.run(prompts, Options(seed, generator, negative_prompt, callback, 'tokens', overrides),
-                        timings=timings)
+        o = self.options(seed, generator, negative_prompt, callback, 'tokens', overrides)
+        return self.run(checks.prompts(prompts, self.caps), o, timings=timings)
 
     def __call__(self, prompts, negative_prompt='', seed=None, generator=None, timings=None, output='pil',
                  callback=None, **overrides):
         """A list of PIL images, one per prompt (``output='tokens'``: the token grids). ``overrides`` are
         `Settings` fields (steps=, cfg=, ...)."""
+        checks.choice(output, 'output', ('pil', 'tokens'))
         tokens = self.tokens(prompts, negative_prompt, seed, generator, callback, timings, **overrides)
         t0 = time.perf_counter()
         images = self.decode(tokens, output)
@@ -291,35 +273,35 @@ class Pipeline:
     def inpaint(self, image, mask, prompt, negative_prompt='', dilate=0, keep_pixels=True, seed=None,
                 generator=None, output='pil', callback=None, **overrides):
         """Regenerate the masked part (white = regenerate) of an image: `editing.inpaint`."""
-        o = Options(seed, generator, negative_prompt, callback, output, overrides)
+        o = self.options(seed, generator, negative_prompt, callback, output, overrides)
         return editing.inpaint(self, image, mask, prompt, dilate, keep_pixels, o)
 
     def outpaint(self, image, prompt, size, position='center', negative_prompt='', keep_pixels=True, seed=None,
                  generator=None, output='pil', callback=None, **overrides):
         """Place the image on a larger canvas and generate the rest: `editing.outpaint`."""
-        o = Options(seed, generator, negative_prompt, callback, output, overrides)
+        o = self.options(seed, generator, negative_prompt, callback, output, overrides)
         return editing.outpaint(self, image, prompt, size, position, keep_pixels, o)
 
     def edit(self, image, prompt, strength=0.5, negative_prompt='', seed=None, generator=None, output='pil',
              callback=None, **overrides):
         """Re-noise the image to ``strength`` and denoise it toward the prompt: `editing.edit`."""
-        o = Options(seed, generator, negative_prompt, callback, output, overrides)
+        o = self.options(seed, generator, negative_prompt, callback, output, overrides)
         return editing.edit(self, image, prompt, strength, o)
 
     def variations(self, image, n=4, prompt='', strength=0.6, negative_prompt='', seed=None, generator=None,
                    output='pil', callback=None, **overrides):
         """n variations of one image: `editing.variations`."""
-        o = Options(seed, generator, negative_prompt, callback, output, overrides)
+        o = self.options(seed, generator, negative_prompt, callback, output, overrides)
         return editing.variations(self, image, n, prompt, strength, o)
 
     def interpolate(self, prompt_a, prompt_b, n=5, method='linear', negative_prompt='', seed=0, output='pil',
                     callback=None, generator=None, **overrides):
         """n images along the conditioning from prompt_a to prompt_b: `editing.interpolate`."""
-        o = Options(seed, generator, negative_prompt, callback, output, overrides)
+        o = self.options(seed, generator, negative_prompt, callback, output, overrides)
         return editing.interpolate(self, prompt_a, prompt_b, n, method, o)
 
     def regional(self, regions, size=None, background='', negative_prompt='', num_images=1, seed=None,
                  generator=None, output='pil', callback=None, **overrides):
         """One image following several prompts, each in its region: `editing.regional`."""
-        o = Options(seed, generator, negative_prompt, callback, output, overrides)
+        o = self.options(seed, generator, negative_prompt, callback, output, overrides)
         return editing.regional(self, regions, size, background, num_images, o)

@@ -175,15 +175,17 @@ def test_bad_input_is_refused_clearly(pipe, apple, tmp_path):
         pipe.inpaint(apple, np.ones((32, 32), dtype=bool), 'x')
     with pytest.raises(ValueError, match='not a readable image'):
         pipe.inpaint(apple, tmp_path / 'notes.txt', 'x')
-    with pytest.raises(ValueError, match='must be a PIL image'):
+    with pytest.raises(ValueError, match='must be a PIL image, a file path'):
         pipe.inpaint(apple, 3.5, 'x')
     with pytest.raises(ValueError, match='smaller than the image'):
         pipe.outpaint(apple, 'x', (32, 64))
     with pytest.raises(ValueError, match='does not fit'):
         pipe.outpaint(apple, 'x', (96, 64), (64, 0))
-    for strength in (-0.1, 1.5, 'half'):
-        with pytest.raises(ValueError, match='strength'):
+    for strength in (-0.1, 1.5):
+        with pytest.raises(ValueError, match='strength must be between 0 and 1'):
             pipe.edit(apple, 'x', strength)
+    with pytest.raises(TypeError, match="strength must be a number between 0 and 1, got 'half'"):
+        pipe.edit(apple, 'x', 'half')
     with pytest.raises(ValueError, match='n must be'):
         pipe.interpolate('a', 'b', n=1)
     with pytest.raises(ValueError, match='method'):

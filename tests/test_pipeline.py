@@ -77,9 +77,9 @@ def test_saved_pipeline_reloads_and_gives_the_same_image(pipe, tmp_path):
 
 
 def test_pipeline_bad_input(pipe):
-    with pytest.raises(ValueError, match='non-empty list of prompts'):
+    with pytest.raises(ValueError, match='give at least one prompt'):
         pipe([], **FAST)
-    with pytest.raises(ValueError, match='non-empty list of prompts'):
+    with pytest.raises(TypeError, match='prompt must be a text, got 3'):
         pipe([3], **FAST)
     with pytest.raises(TypeError, match='stepz'):
         pipe('a', stepz=3)

@@ -6,12 +6,14 @@ the chosen command's parser is built, so start-up imports nothing that command d
 """
 import argparse
 import sys
+import warnings
 
 from .. import flags
 from .making import (TRAIN, cmd_assemble, cmd_convert, cmd_convert_v3, cmd_data, cmd_eval, cmd_info,
                      cmd_preencode, cmd_restored_pairs, cmd_train, parse_assemble, parse_convert, parse_convert_v3,
                      parse_data, parse_eval, parse_preencode, parse_restored_pairs, parse_train)
-from .sampling import MODES, check_serve, cmd_generate, cmd_mode, cmd_serve, parse_generate, parse_mode, parse_serve
+from .sampling import (MODES, check_sampling, check_serve, cmd_generate, cmd_mode, cmd_serve, parse_generate,
+                       parse_mode, parse_serve)
 
 # name -> (help, add the command's flags, run it)
 COMMANDS = {
@@ -32,6 +34,8 @@ COMMANDS = {
     'eval': ('quality report of an emoji model (retrieval, Frechet distance, PSNR)', parse_eval, cmd_eval),
 }
 
+CHECKS = {'serve': check_serve, 'generate': check_sampling, **{mode: check_sampling for mode in MODES}}
+
 
 def main(argv=None):
     """Run a command; returns the exit status (2: a usage error, reported in one line before any work)."""
@@ -48,14 +52,19 @@ def main(argv=None):
             chosen = p
     try:
         args = parser.parse_args(argv)
-        if args.command == 'serve':
-            check_serve(chosen, args)
+        if args.command in CHECKS:                    # flags checked before any model loads
+            CHECKS[args.command](chosen, args)
     except SystemExit as e:                           # --help (0) or a usage error (2)
         return e.code
     from ..checkpoint import CheckpointError
+    # The library's warnings (a resized image, a prompt cut short) as one line each, not Python's two.
+    shown, warnings.showwarning = warnings.showwarning, lambda message, *_, **__: print(
+        f"paella {args.command}: note: {message}", file=sys.stderr)
     try:
         COMMANDS[args.command][2](args)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"paella {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
     return 0

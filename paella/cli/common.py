@@ -55,16 +55,36 @@ def parse_size(text):
 
 
 def box_or_mask(text):
-    """'x0,y0,x1,y1' -> a box; anything else is a mask image's path."""
-    parts = text.split(',')
-    if len(parts) == 4 and all(p.strip().lstrip('-').isdigit() for p in parts):
-        return tuple(int(v) for v in parts)
+    """'x0,y0,x1,y1' (pixels, whole or not) -> a box; otherwise the path of an existing mask image."""
+    from pathlib import Path
+    try:
+        box = tuple(float(v) for v in text.split(','))
+    except ValueError:
+        box = ()
+    if len(box) == 4:
+        return box
+    if not Path(text).is_file():
+        raise ValueError(f"a region must be a box X0,Y0,X1,Y1 in pixels or a mask image, got {text!r}")
     return text
 
 
 def position(text):
-    """'center', 'top-left', ... or 'X,Y'."""
-    return tuple(int(v) for v in text.split(',')) if ',' in text else text
+    """'center', 'top-left', ... or 'X,Y' in pixels."""
+    if ',' not in text:
+        return text
+    try:
+        x, y = (int(v) for v in text.split(','))
+        return x, y
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected center, left, top-left, ... or X,Y in whole pixels, "
+                                         f"got {text!r}") from None
+
+
+def progress(total, desc):
+    """A sampler callback (i, tokens) that draws a progress bar on a terminal (stderr), nothing elsewhere."""
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=desc, unit='step', leave=False, mininterval=0, disable=not sys.stderr.isatty())
+    return lambda i, tokens: bar.update(1)
 
 
 def overrides(args):

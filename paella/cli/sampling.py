@@ -2,8 +2,8 @@
 import argparse
 import sys
 
-from .. import flags
-from .common import Cfg, box_or_mask, load_pipeline, overrides, parse_size, position
+from .. import checks, flags
+from .common import Cfg, box_or_mask, load_pipeline, overrides, parse_size, position, progress
 
 
 def sampling_args(p, output, seed=None):
@@ -37,7 +37,9 @@ def cmd_generate(args):
         pipe.compile()
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     t1, timings = time.perf_counter(), {}
-    images = pipe(prompts, negative_prompt=args.negative_prompt, seed=args.seed, timings=timings, **overrides(args))
+    bar = progress(pipe.settings_with(overrides(args)).steps, 'generate')
+    images = pipe(prompts, negative_prompt=args.negative_prompt, seed=args.seed, timings=timings, callback=bar,
+                  **overrides(args))
     t2 = time.perf_counter()
     from ..images import save_images
     for p in save_images(images, args.output, args.grid, prompts if args.labels else None):
@@ -80,9 +82,50 @@ MODES = {
         (['--size'], dict(type=parse_size, help="canvas WIDTHxHEIGHT (default: the model's)")),
         (['--background'], dict(default='', help='prompt outside every region (default: empty)')),
         (['--num-images'], dict(type=int, default=1))],
-        lambda pipe, a, kw: pipe.regional([(p, box_or_mask(b)) for p, b in a.region], a.size, a.background,
-                                          num_images=a.num_images, **kw)),
+        lambda pipe, a, kw: pipe.regional(a.regions, a.size, a.background, num_images=a.num_images, **kw)),
 }
+
+
+def check_sampling(p, args):
+    """The flags of generate and the editing modes, checked before the model loads, in the sentences of
+    `paella.checks` that the Python API uses: a mistake is one line and exit status 2."""
+    from ..images import load_image
+    caps, mode = checks.Caps(), args.command
+    try:
+        checks.device(args.device)
+        checks.seed(args.seed)
+        if args.steps is not None:
+            checks.integer(args.steps, 'steps', 1, caps.steps)
+        if args.cfg is not None:
+            checks.schedule(args.cfg, 'cfg', 0, 100)
+        checks.text(args.negative_prompt, 'negative_prompt', caps.prompt)
+        checks.output_path(args.output)
+        for name in ('prompt', 'prompt_a', 'prompt_b', 'background'):
+            value = getattr(args, name, None)
+            for text in value if isinstance(value, list) else [] if value is None else [value]:
+                checks.text(text, name, caps.prompt)
+        if mode == 'generate':
+            from ..speed import resolve_dtype
+            resolve_dtype(args.dtype, 'cpu')
+            checks.count(args.num_images, 'num_images', caps.images)
+            checks.count(len(args.prompt) * args.num_images, 'the number of images (prompts x num_images)', caps.images)
+        if mode in ('variations', 'interpolate'):
+            checks.count(args.n, 'n', caps.images, lo=2 if mode == 'interpolate' else 1)
+        if mode in ('variations', 'edit'):
+            checks.number(args.strength, 'strength', 0, 1)
+        if mode == 'inpaint':
+            checks.integer(args.dilate, 'dilate', 0, caps.side)
+        if mode in ('outpaint', 'regional') and args.size is not None:
+            checks.canvas(args.size, 1, caps)
+        if mode == 'regional':
+            checks.count(len(args.region), 'the number of regions', caps.regions)
+            checks.count(args.num_images, 'num_images', caps.images)
+            args.regions = [(prompt, box_or_mask(region)) for prompt, region in args.region]
+        for name in ('image', 'mask'):
+            if getattr(args, name, None) is not None:
+                load_image(getattr(args, name), name)
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
 
 
 def parse_mode(p):
@@ -97,12 +140,10 @@ def parse_mode(p):
 
 
 def cmd_mode(args):
-    import warnings
     from ..images import save_images
     pipe = load_pipeline(args)
-    warnings.showwarning = lambda message, *_, **__: print(f"paella {args.command}: note: {message}", file=sys.stderr)
     images = MODES[args.command][3](pipe, args, dict(negative_prompt=args.negative_prompt, seed=args.seed,
-                                                      **overrides(args)))
+                                                      callback=progress(None, args.command), **overrides(args)))
     for path in save_images(images, args.output, args.grid, cols=min(len(images), 8)):
         print(path)
 
@@ -129,6 +170,11 @@ def parse_serve(p):
 def check_serve(p, args):
     """Every setting checked before the model loads: a wrong one is a usage error (exit 2)."""
     from ..serve import Limits, allowed_hosts, check_listen_address
+    if not args.api_only:
+        from importlib.util import find_spec
+        if find_spec('gradio') is None:
+            p.error("the web app needs Gradio: pip install 'paella[web]' (in a clone: pip install -e '.[web]'), "
+                    "or serve the HTTP API alone with --api-only")
     try:
         args.limits = flags.read_config(Limits, args)
     except ValueError as e:

@@ -5,8 +5,10 @@ text must be real Unicode within the length limit, and an uploaded image's size 
 before a single pixel is decoded (a 140 KB PNG can declare 12000x12000 pixels: 432 MB once decoded).
 """
 import io
-import math
 from dataclasses import dataclass, fields
+
+from .. import checks
+from ..checks import is_number, short as _short
 
 HOST = '127.0.0.1'
 FORMATS = ('PNG', 'JPEG', 'WEBP', 'GIF', 'BMP')     # decoders an upload may reach
@@ -51,8 +53,8 @@ class Busy(RuntimeError):
 
 
 class Fields:
-    """Validation of request fields against `Limits`; each method returns the clean value or raises
-    `BadRequest` with a sentence a person can act on."""
+    """Validation of request fields against `Limits`: the library's own checks (`paella.checks`, the same
+    sentences as the CLI and the Python API), each returning the clean value or raising `BadRequest`."""
 
     def __init__(self, limits):
         self.limits = limits
@@ -60,45 +62,24 @@ class Fields:
     def prompt(self, value, name='prompt', required=True):
         if value is None and not required:
             return ''
-        if not isinstance(value, str) or (required and not value.strip()):
-            raise BadRequest(f"{name} must be a non-empty text" if required else f"{name} must be a text")
-        if len(value) > self.limits.max_prompt:
-            raise BadRequest(f"{name} is {len(value)} characters long; the limit is {self.limits.max_prompt}")
-        try:
-            value.encode('utf-8')                   # a lone surrogate ("\ud800") is not text
-        except UnicodeEncodeError:
-            raise BadRequest(f"{name} contains characters that are not valid Unicode text") from None
-        return value
+        return _request(checks.text, value, name, self.limits.max_prompt, required)
 
     def number(self, value, name, lo, hi, default=None, integer=False):
-        if value is None:
-            return default
-        kind = 'a whole number' if integer else 'a number'
-        if not is_number(value):
-            raise BadRequest(f"{name} must be {kind} between {lo} and {hi}, got {_short(value)}")
-        if integer and int(value) != value:
-            raise BadRequest(f"{name} must be {kind}, got {_short(value)}")
-        if not lo <= value <= hi:
-            raise BadRequest(f"{name} must be between {lo} and {hi}, got {_short(value)}")
-        return int(value) if integer else float(value)
+        return default if value is None else _request(checks.number, value, name, lo, hi, integer)
 
     def integer(self, value, name, lo, hi, default=None):
         return self.number(value, name, lo, hi, default, integer=True)
 
     def cfg(self, value):
         """A guidance scale: a number, or [start, end] for a linear schedule over the steps."""
-        if isinstance(value, list):
-            if len(value) != 2:
-                raise BadRequest(f"cfg must be a number or [start, end], got a list of {len(value)}")
-            return tuple(self.number(v, 'cfg', 0, 30) for v in value)
-        return self.number(value, 'cfg', 0, 30)
+        return _request(checks.schedule, value, 'cfg', 0, 30)
 
     def sampling(self, p):
         """The fields every mode takes (seed, steps, cfg, negative_prompt) -> pipeline keyword arguments."""
-        out = {'seed': self.integer(p.get('seed'), 'seed', 0, 2 ** 63 - 1),
+        out = {'seed': p.get('seed') if p.get('seed') is None else _request(checks.seed, p.get('seed')),
                'negative_prompt': self.prompt(p.get('negative_prompt'), 'negative_prompt', required=False)}
         for key, value in (('steps', self.integer(p.get('steps'), 'steps', 1, self.limits.max_steps)),
-                           ('cfg', self.cfg(p.get('cfg')))):
+                           ('cfg', None if p.get('cfg') is None else self.cfg(p.get('cfg')))):
             if value is not None:
                 out[key] = value
         return out
@@ -148,14 +129,9 @@ class Fields:
         return im
 
 
-def is_number(value):
-    """A finite int or float that fits in 64 bits (not a bool, not NaN, not a 400-digit integer)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return abs(value) < 2 ** 63 if isinstance(value, int) else math.isfinite(value)
-
-
-def _short(value):
-    """A value for an error message, cut short (a 5000-digit integer is not worth echoing)."""
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else 'a huge integer'
-    return text if len(text) <= 40 else text[:37] + '...'
+def _request(check, *args):
+    """A `paella.checks` check whose TypeError / ValueError is the client's mistake: `BadRequest` (400)."""
+    try:
+        return check(*args)
+    except (TypeError, ValueError) as e:
+        raise BadRequest(str(e)) from None
