@@ -101,7 +101,8 @@ def sample_prior(model, c, steps=60, cfg=3.0, sampler='ddpm', t_start=1.0, t_end
                  x_init=None, generator=None, schedule=None, timesteps=None):
     """Image embeddings (B, clip_r) for text embeddings c (B, clip_r).
 
-    The noise levels are ``linspace(t_start, t_end, steps + 1)``, or the 1-D tensor ``timesteps``.
+    The noise levels are the published code's, ``linspace(t_start, t_end, steps + 2)[1:]`` (the first step
+    is at 1 - 1/(steps + 1), never at pure noise), or the 1-D tensor ``timesteps``.
 
     Guidance is ``lerp(uncond, cond, cfg)`` with zero embeddings as the unconditional input unless
     ``c_uncond`` is given; cfg None disables it. Random draws: the initial noise ``randn(B, clip_r)``,
@@ -112,7 +113,7 @@ def sample_prior(model, c, steps=60, cfg=3.0, sampler='ddpm', t_start=1.0, t_end
     if timesteps is None:
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        timesteps = torch.linspace(t_start, t_end, steps + 1)
+        timesteps = torch.linspace(t_start, t_end, steps + 2)[1:]
     elif timesteps.dim() != 1 or len(timesteps) < 2:
         raise ValueError(f"timesteps must be a 1-D tensor of at least 2 noise levels, got {tuple(timesteps.shape)}")
     schedule = schedule or CosineSchedule()

@@ -20,10 +20,13 @@ def test_prior_output_matches_published(prior, prior_fixture):
 
 
 @pytest.mark.parametrize('sampler, seed', [('ddpm', 42), ('ddim', 43)])
-def test_prior_samples_reproduce_published(prior, prior_fixture, sampler, seed):
+@pytest.mark.parametrize('levels', [dict(timesteps=TIMESTEPS), dict(steps=8)])
+def test_prior_samples_reproduce_published(prior, prior_fixture, sampler, seed, levels):
+    """Given the levels, or by default from the step count: Diffuzz.sample(timesteps=8)'s levels are
+    linspace(1, 0, 10)[1:] (a Pipeline's prior_steps=60 ran at linspace(1, 0, 61) before)."""
     _, inp, exp, _ = prior_fixture
     torch.manual_seed(seed)
-    out = sample_prior(prior, inp['c'], cfg=3.0, sampler=sampler, timesteps=TIMESTEPS)
+    out = sample_prior(prior, inp['c'], cfg=3.0, sampler=sampler, **levels)
     torch.testing.assert_close(out, exp[f'{sampler}_sample_seed{seed}'], atol=1e-5, rtol=1e-6)
 
 
