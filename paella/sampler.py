@@ -93,8 +93,9 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
     callback(i, tokens): called after each step's draw, before re-noising.
     batch_cfg: one forward over the conditional and unconditional inputs stacked (when their shapes allow;
         otherwise two forwards, as published). cache: compute the conditioning's attention keys and values
-        once (``model.prepare``) instead of at every step. Both give the published results (fp32 tokens
-        identical in the tests) faster.
+        once (``model.prepare``) instead of at every step. Both compute the published results up to
+        float32 rounding, faster: the tokens are identical unless a draw falls within ~1e-5 of a tie
+        between two codes, where one token may flip (and the rest of the run follow it).
     """
     latent_shape, mask = check_arguments(model, latent_shape, steps, mode, renoise_mode, codebook, init_x, mask,
                                          typical_mass, top_k, temperature, cfg)
