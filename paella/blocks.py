@@ -10,6 +10,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Training sets this (paella.train.distributed.SampleDropout): a callable (x, p) -> x with its dropped
+# elements zeroed and the others scaled by 1 / (1 - p), whose masks are a function of each sample's
+# position in the global batch, so a batch split over N processes drops what one process drops. None:
+# torch's dropout, drawn from the global generator.
+mask_source = None
+
+
+def dropout(x, p, training=True):
+    """Dropout of x (B, ...) through `mask_source` where one is set."""
+    if not training or not p:
+        return x
+    return F.dropout(x, p, True) if mask_source is None else mask_source(x, p)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (the same name in the layout, no parameters) through `dropout`."""
+
+    def forward(self, x):
+        return dropout(x, self.p, self.training)
+
 
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, H, W) tensor."""
@@ -41,7 +61,7 @@ class GlobalResponseNorm(nn.Module):
 
 
 def _channel_mlp(c, dropout):
-    return nn.Sequential(nn.Linear(c, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), nn.Dropout(dropout),
+    return nn.Sequential(nn.Linear(c, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), Dropout(dropout),
                          nn.Linear(c * 4, c))
 
 
@@ -101,10 +121,10 @@ class Attention(nn.Module):
             return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)   # (B, nh, L, C/nh)
         q, k, v = heads(q), heads(k), heads(v)
         p = self.dropout if self.training else 0.0
-        if self.fused:
+        if self.fused and not (p and mask_source is not None):    # the fused kernel draws its own masks
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        else:
-            o = F.dropout((q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1), p) @ v
+        else:                                                      # probabilities (B, nh, Lq, Lk)
+            o = dropout((q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1), p) @ v
         return self.out_proj(o.transpose(1, 2).reshape(b, lq, c))
 
 

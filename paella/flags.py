@@ -33,6 +33,14 @@ def parse_json(text):
         return text
 
 
+def json_value(text):
+    """A value given as JSON (argparse names it "invalid JSON value" when it is not)."""
+    return json.loads(text)
+
+
+json_value.__name__ = 'JSON'
+
+
 def parse_dict(text):
     value = parse_json(text)
     if not isinstance(value, dict):
@@ -71,7 +79,7 @@ def value_type(default, annotation=''):
     type the annotation names; ``null`` / ``none`` mean None where the annotation allows None."""
     sample = default[0] if isinstance(default, (tuple, list)) and default else default
     named = [k for k in (bool, int, float, str) if re.search(rf'\b{k.__name__}\b', str(annotation))]
-    kind = type(sample) if isinstance(sample, (bool, int, float, str)) else named[0] if named else json.loads
+    kind = type(sample) if isinstance(sample, (bool, int, float, str)) else named[0] if named else json_value
     kind = parse_bool if kind is bool else kind
     if default is not None and 'None' not in str(annotation):
         return kind

@@ -138,19 +138,23 @@ def test_killed_run_resumes_exactly(tmp_path):
 
 @pytest.mark.parametrize('strategy', ['ddp', 'fsdp'])
 def test_torchrun_two_processes_equal_one_process(tmp_path, strategy):
+    """With the presets' dropout (0.1): its masks are drawn per global sample position, not per process."""
     data = synth.preencoded_tokens(tmp_path / 'd.safetensors', n=16)
-    nodrop = '--model.dropout=0'
     subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                    *train_cmd(tmp_path / 'ddp', data, 4, nodrop, '--fsdp', str(strategy == 'fsdp'),
-                               '--grad-accum', '2')[1:]], env=ENV, check=True, capture_output=True)
-    subprocess.run(train_cmd(tmp_path / 'one', data, 4, nodrop, '--grad-accum', '2'), env=ENV, check=True,
+                    *train_cmd(tmp_path / 'ddp', data, 4, '--fsdp', str(strategy == 'fsdp'), '--grad-accum', '2',
+                               '--log-every', '1')[1:]], env=ENV, check=True, capture_output=True)
+    subprocess.run(train_cmd(tmp_path / 'one', data, 4, '--grad-accum', '2', '--log-every', '1'), env=ENV, check=True,
                    capture_output=True)
     a, b = load_file(str(tmp_path / 'one' / 'model' / 'model.safetensors')), \
         load_file(str(tmp_path / 'ddp' / 'model' / 'model.safetensors'))
-    init = Paella(Paella.make_config('tiny', dropout=0.0, byt5_embd=24))
+    init = Paella(Paella.make_config('tiny', byt5_embd=24))
+    assert init.config.dropout == 0.1
     assert any((a[k] - v).abs().max() > 1e-4 for k, v in init.state_dict().items())   # it did train
+    print(f"{strategy}: max weight difference 1 vs 2 processes {max((a[k] - b[k]).abs().max().item() for k in a):.2e}")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
+    losses = [[r['loss'] for r in logged(tmp_path / run)] for run in ('one', 'ddp')]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)            # all-reduced: the global batch's loss
 
 
 def bad_folder(tmp_path):
@@ -264,9 +268,11 @@ def test_generator_on_raw_images_encodes_on_the_fly(tmp_path, minilm):
     torch.manual_seed(0)
     VQModel(VQModel.make_config('tiny')).save_pretrained(tmp_path / 'vq')
     cfg = config('generator', tmp_path, data=str(folder), vqgan=str(tmp_path / 'vq'), image_size=32, steps=2,
-                 batch_size=4, log_every=1)
+                 batch_size=4, log_every=1, sample_every=2)
     train(cfg)
     assert len(logged(cfg.out)) == 2 and len(list((tmp_path / 'run' / 'text-cache').rglob('*.safetensors'))) == 8
+    # samples of the first batch's captions (4) above their real tokens
+    assert Image.open(tmp_path / 'run' / 'samples' / '0000002.png').size == (4 * 32, 2 * 32)
 
 
 @pytest.mark.parametrize('precision', ['bf16', 'fp16'])

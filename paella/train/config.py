@@ -5,6 +5,7 @@ line flags are generated from these dataclasses (paella.flags), with help from t
 """
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 
 @dataclass
@@ -41,11 +42,25 @@ class TrainConfig:
     sample_every: int = 0           # generator: a sample grid every this many steps (0: never)
     tensorboard: bool = True        # also log to out/tensorboard
     wandb: str = ''                 # a wandb project name to log to (optional)
+    samples: ClassVar[bool] = False  # whether the recipe draws sample grids (--sample-every)
 
     def check(self, world):
-        """Errors a run would otherwise meet late, or never (a silent wrong setting)."""
+        """Errors a run would otherwise meet late, or never (a silent wrong setting): each a one-line
+        ValueError naming the flag, before any work."""
         if not self.data:
             raise ValueError("--data (an image folder, shards or a pre-encoded .safetensors file) is required")
+        for name, low in INT_BOUNDS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        for name in ('lr', 'grad_clip'):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value!r}")
+        if self.sample_every and not self.samples:
+            raise ValueError("--sample-every is for the generator: this recipe draws no samples")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"--ema must be in [0, 1) (0: no EMA), got {self.ema!r}")
         if self.batch_size % (world * self.grad_accum):
             raise ValueError(f"batch_size {self.batch_size} must be divisible by processes x grad_accum "
                              f"= {world} x {self.grad_accum}")
@@ -55,6 +70,11 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.fsdp and world > 1 and self.ema:
             raise ValueError("--fsdp works without EMA: pass --ema 0")
+
+
+# The integer settings and their least values (checked by `TrainConfig.check`).
+INT_BOUNDS = dict(batch_size=1, grad_accum=1, steps=1, warmup=0, save_every=1, keep=1, log_every=1, sample_every=0,
+                  num_workers=0, image_size=1, ema_start=0, seed=0)
 
 
 def lr_factor(cfg, step):

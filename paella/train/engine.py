@@ -29,8 +29,9 @@ class Run:
         self.fsdp = cfg.fsdp and world > 1
         self.out, self.step = Path(cfg.out), 0
         self.ema = self.opt = self.sched = self.scaler = None   # set by `train`
-        self.logger = None                                     # rank 0, during `loop`
+        self.wrapped = self.data = self.logger = None            # set by `loop` (the logger on rank 0 alone)
         self.skipped, self.seen, self.t0 = 0, 0, time.perf_counter()   # bad samples, samples, for samples/s
+        self.data_skips = 0     # micro-batches drawn for steps whose whole global batch was bad (not steps)
 
 
 def train(cfg):
@@ -38,13 +39,16 @@ def train(cfg):
     newest checkpoint in cfg.out if there is one. Returns the model (unwrapped)."""
     rank, world, device = distributed.setup()
     cfg.check(world)
+    state.check_out(cfg)                              # not a file, not another recipe's run folder
+    if rank == 0:
+        state.clean_temp(cfg.out)                     # what interrupted writes left
+    resume_path, resume = state.latest(cfg.out, warn=rank == 0)
     torch.manual_seed(cfg.seed)                       # identical initial weights on every rank
     run = Run(cfg, task_for(cfg)(cfg, device), rank, world, device)
     if cfg.init:
         state.init_from(run.model, cfg.init, log=rank == 0)
-    resume_path, resume = state.latest(cfg.out)
     if resume is not None:
-        run.model.load_state_dict(resume['model'])
+        state.load_weights(run.model, resume['model'], resume_path)
     state.freeze(run.model, cfg.freeze, type(run.model).__name__).to(device)
     run.ema = copy.deepcopy(run.model).eval().requires_grad_(False) if cfg.ema else None
     if run.fsdp:
@@ -60,6 +64,8 @@ def train(cfg):
         loop(run)
     if world > 1:
         dist.barrier()
+    if rank == 0:
+        state.finish(cfg)                             # the last `keep` checkpoints, no temporary file
     return run.model
 
 
@@ -72,9 +78,11 @@ def load(run, ck, path):
     run.scaler.load_state_dict(ck['scaler'])
     run.task.load_state_dict(ck['task'])
     torch.set_rng_state(ck['rng']['torch'])
-    run.step = ck['step']
+    run.step, run.data_skips = ck['step'], ck.get('data', {}).get('skipped_batches', 0)
     if run.rank == 0:
         print(f"resuming from {path} at step {run.step}")
+        if run.step >= run.cfg.steps:                 # a kill may have come between this save and its export
+            state.export_if_stale(run, ck)
 
 
 def batches(run):
@@ -86,64 +94,92 @@ def batches(run):
         loader = torch.utils.data.DataLoader(dataset, batch_size=micro_global // run.world, collate_fn=collate,
                                              num_workers=cfg.num_workers)
     else:
-        sampler = StepSampler(len(dataset), micro_global, run.rank, run.world, cfg.seed, run.step * cfg.grad_accum)
+        sampler = StepSampler(len(dataset), micro_global, run.rank, run.world, cfg.seed,
+                              run.step * cfg.grad_accum + run.data_skips)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                              num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
     return iter(loader)
 
 
+# Global batches in a row with no good sample before the run stops: data that yields nothing at all.
+MAX_BAD_BATCHES = 50
+
+
 def loop(run):
     from tqdm import tqdm
-    cfg, model, rank = run.cfg, run.model, run.rank
-    wrapped = distributed.wrap(model, run.device, run.world, run.fsdp, cfg.compile)
-    data = batches(run)
-    autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16 if cfg.precision == 'bf16' else torch.float16)
-                if cfg.precision != 'fp32' else nullcontext())
+    cfg, rank = run.cfg, run.rank
+    run.wrapped = distributed.wrap(run.model, run.device, run.world, run.fsdp, cfg.compile)
+    run.data = batches(run)
     if rank == 0:
         state.write_config(cfg)
         run.logger = Logger(cfg, run.out, run.step)
-    run.t0 = time.perf_counter()
-    micro_global = cfg.batch_size // cfg.grad_accum
-    bar = tqdm(range(run.step, cfg.steps), initial=run.step, total=cfg.steps, disable=rank != 0,
-               dynamic_ncols=True, mininterval=1.0)
-    for step in bar:
-        torch.manual_seed(distributed.seed_of(cfg.seed, step, rank, 1))   # dropout; all else draws from `s`
-        totals = {}
-        for micro in range(cfg.grad_accum):
-            batch, bad = next(data)
-            note_skipped(run, step, bad)
-            n = len(next(iter(batch.values()))) if batch else 0
-            s = distributed.Slice(rank * (micro_global // run.world), n, micro_global,
-                                  torch.Generator().manual_seed(distributed.seed_of(cfg.seed, step, micro)))
-            last = micro == cfg.grad_accum - 1
-            if run.fsdp:
-                model.set_requires_gradient_sync(last)
-            # gradients are all-reduced once per step, on the last micro-batch
-            with nullcontext() if run.world == 1 or run.fsdp or last else wrapped.no_sync():
-                if n:
-                    with autocast:
-                        loss, metrics = run.task.loss(wrapped, batch, s)
-                else:       # every sample of this slice was bad: join the gradient all-reduce with zeros
-                    loss, metrics = sum(p.sum() for p in model.parameters()) * 0.0, {}
-                run.scaler.scale(loss / cfg.grad_accum).backward()
-            run.seen += n * run.world
-            for k, v in {'loss': loss.item(), **metrics}.items():
-                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
-        run.scaler.unscale_(run.opt)                  # clip the true gradients, not the fp16-scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm
-        run.scaler.step(run.opt)
-        run.scaler.update()
-        run.sched.step()
-        run.opt.zero_grad(set_to_none=True)
-        run.step = step + 1
-        run.task.after_step(step, model)
+    run.t0, bad_in_a_row = time.perf_counter(), 0
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=rank != 0, dynamic_ncols=True, mininterval=1.0)
+    while run.step < cfg.steps:
+        metrics = one_step(run)
+        if metrics is None:       # no good sample in the whole global batch: nothing learnt, not a step
+            run.data_skips += cfg.grad_accum
+            bad_in_a_row += 1
+            if bad_in_a_row >= MAX_BAD_BATCHES:
+                raise ValueError(f"{cfg.data}: no good sample in {bad_in_a_row} batches in a row "
+                                 f"({run.skipped} bad samples; see {run.out / 'skipped.log'})")
+            continue
+        run.step, bad_in_a_row = run.step + 1, 0
+        bar.update(1)
+        run.task.after_step(run.step - 1, run.model)
         for hook in (update_ema, log, save, samples):
-            hook(run, {**totals, 'grad_norm': float(grad_norm)}, bar)
+            hook(run, metrics, bar)
+    bar.close()
     if rank == 0:
         run.logger.close()
         if run.skipped:
             print(f"skipped {run.skipped} bad samples; see {run.out / 'skipped.log'}")
+
+
+def one_step(run):
+    """One optimizer step over cfg.grad_accum micro-batches. Returns its metrics, means over the good
+    samples of the global batch (every process's), or None where there was none (then nothing changes)."""
+    cfg, model, rank = run.cfg, run.model, run.rank
+    step, micro_global = run.step, cfg.batch_size // cfg.grad_accum
+    torch.manual_seed(distributed.seed_of(cfg.seed, step, rank, 1))   # the model's draws come from below
+    autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16 if cfg.precision == 'bf16' else torch.float16)
+                if cfg.precision != 'fp32' else nullcontext())
+    n_step, sums = 0, {}
+    for micro in range(cfg.grad_accum):
+        batch, bad = next(run.data)
+        note_skipped(run, step, bad)
+        n = len(next(iter(batch.values()))) if batch else 0
+        lo = rank * (micro_global // run.world)                      # this rank's first global position
+        s = distributed.Slice(lo, n, micro_global,
+                              torch.Generator().manual_seed(distributed.seed_of(cfg.seed, step, micro)))
+        last = micro == cfg.grad_accum - 1
+        if run.fsdp:
+            model.set_requires_gradient_sync(last)
+        # gradients are all-reduced once per step, on the last micro-batch
+        with nullcontext() if run.world == 1 or run.fsdp or last else run.wrapped.no_sync():
+            if n:
+                with autocast, distributed.sample_dropout(distributed.seed_of(cfg.seed, step, micro, 2), lo, n,
+                                                          run.device):
+                    loss, metrics = run.task.loss(run.wrapped, batch, s)
+            else:       # every sample of this slice was bad: join the gradient all-reduce with zeros
+                loss, metrics = sum(p.sum() for p in model.parameters()) * 0.0, {}
+            run.scaler.scale(loss / cfg.grad_accum).backward()
+        n_step += n
+        for k, v in ({'loss': loss.item(), **metrics}.items() if n else ()):
+            sums[k] = sums.get(k, 0.0) + v * n
+    n_step, sums = distributed.gather_sums(n_step, sums)             # the logged loss is the global batch's
+    run.seen += n_step
+    if not n_step:
+        run.opt.zero_grad(set_to_none=True)
+        return None
+    run.scaler.unscale_(run.opt)                  # clip the true gradients, not the fp16-scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    return {**{k: v / n_step for k, v in sums.items()}, 'grad_norm': float(grad_norm)}
 
 
 def note_skipped(run, step, bad):

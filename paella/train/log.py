@@ -1,12 +1,16 @@
 """Rank 0's record of a run: metrics.jsonl always, TensorBoard and wandb when available and asked for."""
 import json
 from dataclasses import asdict
+from pathlib import Path
+
+from ..checkpoint import atomic_write
 
 
 class Logger:
     """Means of each metric over the steps since the last line; ``log_every`` steps a line."""
 
     def __init__(self, cfg, out, resume_step):
+        keep_until(out / 'metrics.jsonl', resume_step)
         self.file = open(out / 'metrics.jsonl', 'a')
         self.window, self.tb, self.wandb = {}, None, None
         if cfg.tensorboard:
@@ -43,3 +47,19 @@ class Logger:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def keep_until(path, step):
+    """Drop the lines of a metrics file after ``step``: a resumed run logs those steps again (a kill after
+    a line was written but before the next checkpoint), and each step appears once. A cut-off last line
+    goes too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)['step'] <= step:
+                kept.append(line + '\n')
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic_write(path, lambda p: Path(p).write_text(''.join(kept)))

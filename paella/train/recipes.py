@@ -19,7 +19,7 @@ from ..noise import add_noise, check_token_range, loss_weight
 from ..prior import CosineSchedule, PriorConfig, PriorModel
 from ..vq import VQConfig, VQModel
 from .config import TrainConfig
-from .distributed import seed_of
+from .distributed import gather_rows, seed_of
 
 
 @dataclass
@@ -35,6 +35,15 @@ class GeneratorConfig(TrainConfig):
                                     # pooled vector, per sample (the model learns to draw from the pooled one)
     p_drop_clip: float = 0.9        # CLIP text embedding of the empty prompt instead of the caption's
     p_drop_clip_image: float = 0.9  # no CLIP image embedding
+    samples: ClassVar[bool] = True  # --sample-every draws grids
+
+    def check(self, world):
+        super().check(world)
+        if Path(self.data).suffix != '.safetensors':
+            from ..conditioning import encoder_spec
+            if encoder_spec(self.text_encoder) is None:
+                raise ValueError("training the generator on images needs a text encoder for the captions: "
+                                 "--text-encoder none encodes none")
 
 
 @dataclass
@@ -44,6 +53,12 @@ class VQGANConfig(TrainConfig):
     commit_weight: float = 0.25     # commitment loss weight (moves the encoder's outputs toward their codes)
     l1_weight: float = 1.0          # reconstruction = l1_weight x L1 + MSE (0: MSE alone, what PSNR measures)
     dead_code_every: int = 20       # restart codes unused for this many steps (0: never)
+
+    def check(self, world):
+        super().check(world)
+        if isinstance(self.dead_code_every, bool) or not isinstance(self.dead_code_every, int) \
+                or self.dead_code_every < 0:
+            raise ValueError(f"--dead-code-every must be an integer >= 0, got {self.dead_code_every!r}")
 
 
 @dataclass
@@ -99,8 +114,12 @@ class GeneratorTask(Task):
             self.cache = EmbeddingCache(Path(cfg.out) / 'text-cache')
             self.uncond = self.encoder.encode(['']).states.cpu()
             width = self.encoder.width
+        if cfg.sample_every and not self.vqgan_path:
+            raise ValueError(f"--sample-every needs the VQGAN to draw the samples: {cfg.data} names none; "
+                             "pass --vqgan")
         self.vqgan = None if not self.vqgan_path else \
             VQModel.from_pretrained(self.vqgan_path, device=device, dtype=torch.float32).requires_grad_(False)
+        self.preview = None         # raw images and shards: (tokens, text states) of the first batch, to sample
         overrides = dict(cfg.model)
         if self.vqgan is not None:
             overrides.setdefault('num_labels', self.vqgan.codebook_size)
@@ -117,6 +136,8 @@ class GeneratorTask(Task):
             else:
                 tokens = self.vqgan.encode_indices(batch['image'].to(self.device)).cpu()
                 text = self.cache.text(self.encoder, batch['caption']).states
+            if self.preview is None and cfg.sample_every:
+                self.preview = tokens[:8].clone(), text[:8].clone()                # (n, h, w), (n, L, D)
             u = self.uncond.float()[:, :text.shape[1]]                            # (1, L', D), L' <= L
             u = F.pad(u, (0, 0, 0, text.shape[1] - u.shape[1]))                    # (1, L, D)
             if s.coin(cfg.p_uncond_text):         # the published conditioning dropout: the whole batch
@@ -145,18 +166,23 @@ class GeneratorTask(Task):
 
     @torch.no_grad()
     def samples(self, model, step, out):
-        """A grid of samples for the first 8 captions of the data, above their real tokens (needs the VQGAN)."""
+        """A grid of samples for 8 captions above their real tokens: the data's first 8 when pre-encoded,
+        else the first 8 of the first batch this process trained on."""
         from ..images import save_images, tokens_to_images
         from ..sampler import sample
-        if self.vqgan is None or not isinstance(self.dataset, Preencoded):
+        if isinstance(self.dataset, Preencoded):
+            n = min(8, len(self.dataset))
+            target, text = self.dataset.tensors['tokens'][:n], self.dataset.tensors['text'][:n]
+        elif self.preview is not None:
+            target, text = self.preview
+        else:
             return
-        n = min(8, len(self.dataset))
-        text = self.dataset.tensors['text'][:n].float().to(self.device)
-        h, w = self.dataset.tensors['tokens'].shape[1:]
-        uncond = {'byt5': self.uncond.float().to(self.device).expand(n, -1, -1)}
-        tokens = sample(model, {'byt5': text}, (n, h, w), uncond, steps=12, cfg=3.0,
+        text, target = text.float().to(self.device), target.long().to(self.device)          # (n, L, D), (n, h, w)
+        n, (h, w) = len(text), target.shape[1:]
+        u = self.uncond.float().to(self.device)[:, :text.shape[1]]
+        u = F.pad(u, (0, 0, 0, text.shape[1] - u.shape[1])).expand(n, -1, -1)             # (n, L, D)
+        tokens = sample(model, {'byt5': text}, (n, h, w), {'byt5': u}, steps=12, cfg=3.0,
                         generator=torch.Generator(self.device).manual_seed(0))
-        target = self.dataset.tensors['tokens'][:n].long().to(self.device)
         save_images(tokens_to_images(self.vqgan, torch.cat([tokens, target])), out / f'samples/{step:07d}.png', True)
 
 
@@ -220,11 +246,15 @@ class VQTask(Task):
             dist.all_reduce(usage)
         codebook = model.vquantizer.codebook.weight
         dead = (usage == 0).nonzero()[:, 0]
-        if len(dead) and self.latents is not None:
+        # every process's latents (N, c_latent) of the last micro-batch, in the global batch's order (the
+        # same on all of them, a collective: called with none where a process had no good sample)
+        latents = None if not len(dead) else gather_rows(
+            self.latents if self.latents is not None else codebook.new_zeros(0, codebook.shape[1]))
+        if latents is not None and len(latents):
             # Restart each dead code at an encoder output of this batch, picked by the step's seed.
             g = torch.Generator().manual_seed(seed_of(self.cfg.seed, step, 7))
-            pick = torch.randint(0, len(self.latents), (len(dead),), generator=g).to(self.latents.device)
-            codebook.data[dead] = self.latents[pick].to(codebook.dtype)
+            pick = torch.randint(0, len(latents), (len(dead),), generator=g).to(latents.device)
+            codebook.data[dead] = latents[pick].to(codebook.dtype)
             if dist.is_initialized():
                 dist.broadcast(codebook.data, src=0)
         self.usage.zero_()
