@@ -214,18 +214,20 @@ class Pretrained:
 
 
 def detect_model_type(state_dict):
-    """'paella' or 'vqgan', from the keys a state dict holds."""
+    """'paella', 'vqgan' or 'prior', from the keys a state dict holds."""
     if 'vquantizer.codebook.weight' in state_dict:
         return 'vqgan'
     if 'byt5_mapper.weight' in state_dict:
         return 'paella'
-    raise ValueError("cannot tell which model these weights are for (no 'byt5_mapper.weight' nor "
-                     "'vquantizer.codebook.weight'); pass --model")
+    if 'blocks.0.weight' in state_dict and all(k.startswith('blocks.') for k in state_dict):
+        return 'prior'                  # the published prior is one list of blocks (prior_v1.pt)
+    raise ValueError("cannot tell which model these weights are for (no 'byt5_mapper.weight', "
+                     "'vquantizer.codebook.weight' nor a prior's 'blocks.*'); pass --model")
 
 
 def model_type_of(path):
-    """'paella' or 'vqgan' for a model folder (its config), a .safetensors file or an official .pt file
-    (from the keys its weights hold)."""
+    """'paella', 'vqgan' or 'prior' for a model folder (its config), a .safetensors file or an official
+    .pt file (from the keys its weights hold)."""
     path = Path(path)
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         return json.loads((path / CONFIG_NAME).read_text()).get('model_type')

@@ -1,4 +1,5 @@
 """The whole v3 text-to-image path, prompt in and image out, on tiny random components of the v3 architecture."""
+import json
 from dataclasses import asdict
 
 import numpy as np
@@ -92,6 +93,11 @@ def test_cli_convert_v3_and_generate(official_files, tiny_t5_dir, tiny_clip_dir,
     assert main(['convert-v3', str(tmp_path / 'v3'), '--paella', str(f / 'paella_v3.pt'), '--vqgan',
                  str(f / 'vqgan_f4.pt'), '--prior', str(f / 'prior_v1.pt'), '--byt5', str(tiny_t5_dir),
                  '--clip', str(tiny_clip_dir), '--preset', 'tiny']) == 0
+    # The official weights as they are: float32 whatever the converting machine prefers to compute in.
+    from safetensors import safe_open
+    for name in ('generator', 'vqgan', 'prior'):
+        with safe_open(str(tmp_path / 'v3' / name / 'model.safetensors'), framework='pt') as weights:
+            assert {weights.get_slice(k).get_dtype() for k in weights.keys()} - {'I64'} == {'F32'}, name
     # Make the saved settings fast, as a user would edit pipeline.json.
     import json
     meta = json.loads((tmp_path / 'v3' / 'pipeline.json').read_text())
@@ -106,6 +112,21 @@ def test_cli_convert_v3_and_generate(official_files, tiny_t5_dir, tiny_clip_dir,
     assert Image.open(tmp_path / 'one.png').size == (64, 64)
     assert main(['generate', 'x', '--model', str(tmp_path / 'nope')]) == 2
     assert 'not a pipeline folder' in capsys.readouterr().err
+
+
+def test_info_and_convert_take_the_prior(official_files, tmp_path, capsys):
+    """prior_v1.pt was refused ('cannot tell which model'): the published prior is one list of blocks."""
+    from paella.checkpoint import detect_model_type
+    from paella.cli import main
+    from conftest import fixtures_dir
+    shapes = json.loads((fixtures_dir() / 'prior_v1_state_dict_shapes.json').read_text())['state_dict_shapes']
+    assert detect_model_type({k: torch.empty(0) for k in shapes}) == 'prior'       # the official keys
+    assert main(['info', str(official_files / 'prior_v1.pt'), '--preset', 'tiny']) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info['model_type'] == 'prior' and info['config']['clip_r'] == 16
+    assert main(['convert', str(official_files / 'prior_v1.pt'), str(tmp_path / 'p'), '--preset', 'tiny']) == 0
+    assert main(['info', str(tmp_path / 'p')]) == 0
+    assert json.loads(capsys.readouterr().out.split('\n', 1)[1])['model_type'] == 'prior'
 
 
 def test_v3_variations_use_the_clip_image_embedding(pipe, monkeypatch):

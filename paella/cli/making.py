@@ -9,16 +9,19 @@ from .common import Cfg, load_pipeline, overrides, positive, print_skipped
 
 def checkpoint_args(p):
     p.add_argument('checkpoint', help='model folder, .safetensors file or official .pt file')
-    p.add_argument('--model', choices=['paella', 'vqgan'], help='model type (detected from the weights by default)')
-    p.add_argument('--preset', help='size preset for files without a config (default: v3 / f4)')
+    p.add_argument('--model', choices=['paella', 'vqgan', 'prior'],
+                   help='model type (detected from the weights by default)')
+    p.add_argument('--preset', help='size preset for files without a config (default: v3 / f4 / v1)')
 
 
 def load_model(args):
     from ..checkpoint import model_type_of
     from ..model import Paella
+    from ..prior import PriorModel
     from ..vq import VQModel
     kind = args.model or model_type_of(args.checkpoint)
-    return (Paella if kind == 'paella' else VQModel).from_pretrained(args.checkpoint, preset=args.preset)
+    model = {'paella': Paella, 'vqgan': VQModel, 'prior': PriorModel}[kind]
+    return model.from_pretrained(args.checkpoint, preset=args.preset)
 
 
 def cmd_info(args):
@@ -52,8 +55,12 @@ def parse_convert_v3(p):
 
 
 def cmd_convert_v3(args):
+    import torch
     from ..pipeline import Pipeline
-    pipe = Pipeline.v3(args.paella, args.vqgan, args.prior, byt5=args.byt5, clip=args.clip, preset=args.preset)
+    # float32, the official weights as they are: bfloat16 is a choice made when loading, on the machine
+    # that runs it (Pipeline.from_pretrained's dtype), not one baked into the folder.
+    pipe = Pipeline.v3(args.paella, args.vqgan, args.prior, byt5=args.byt5, clip=args.clip, preset=args.preset,
+                       dtype=torch.float32)
     print(f"wrote the Paella v3 pipeline to {pipe.save_pretrained(args.out)}/")
 
 
