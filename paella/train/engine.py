@@ -215,8 +215,9 @@ def log(run, metrics, bar):
 def save(run, metrics, bar):
     if due(run, run.cfg.save_every):
         states = distributed.full_states(run.model, run.opt, run.fsdp)   # under FSDP every rank takes part
+        task_state = run.task.state_dict()                               # every rank: it may gather
         if run.rank == 0:
-            state.save(run, *states)
+            state.save(run, *states, task_state)
 
 
 def samples(run, metrics, bar):

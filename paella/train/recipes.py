@@ -210,7 +210,12 @@ class VQTask(Task):
         self.latents = None
 
     def state_dict(self):
-        return {'usage': self.usage}
+        """Code uses since the last restart, counted over every process (a collective: every rank calls it),
+        so a resumed run sees the same dead codes; each rank resumes with them (only zeros count)."""
+        usage = self.usage.to(self.device)
+        if dist.is_initialized():
+            dist.all_reduce(usage)
+        return {'usage': usage.cpu()}
 
     def load_state_dict(self, sd):
         self.usage = sd['usage']

@@ -160,12 +160,12 @@ def train_mode(model, freeze=''):
     return model
 
 
-def save(run, model_state, opt_state):
+def save(run, model_state, opt_state, task_state):
     """Full training state (atomically), the last ``keep`` of them, plus the exported model folders."""
     cfg, step = run.cfg, run.step
     state = {'step': step, 'model': model_state, 'ema': run.ema.state_dict() if run.ema is not None else None,
              'optimizer': opt_state, 'scheduler': run.sched.state_dict(), 'scaler': run.scaler.state_dict(),
-             'task': run.task.state_dict(), 'config': config_dict(cfg), 'model_config': asdict(run.model.config),
+             'task': task_state, 'config': config_dict(cfg), 'model_config': asdict(run.model.config),
              'rng': {'torch': torch.get_rng_state()}, 'data': {'skipped_batches': run.data_skips}}
     out = Path(cfg.out)
     # The exports first: a kill before the checkpoint's rename redoes these steps and exports again; once
