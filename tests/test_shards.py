@@ -212,6 +212,15 @@ def test_preencode_shards_by_two_processes_resumes_and_trains_like_the_file(tmp_
     task = GeneratorTask(cfg, torch.device('cpu'))
     loss = lambda batch: task.loss(task.model, batch, Slice(0, 8, 8, torch.Generator().manual_seed(0)))[0]
     assert torch.equal(loss(a), loss(b))
+    # The shards themselves: no text encoder loaded, the empty prompt as stored, the VQGAN the shards name.
+    shards = config('generator', tmp_path, data=str(out / '{00000..00003}.tar'), p_drop_clip_image=0.0,
+                    out=str(tmp_path / 'run-shards'), steps=2, batch_size=4)
+    shard_task = GeneratorTask(shards, torch.device('cpu'))
+    assert shard_task.encoder is None and torch.equal(shard_task.uncond, task.uncond)
+    assert shard_task.model.config == task.model.config
+    from paella.train import train
+    train(shards)
+    assert [row['step'] for row in logged(shards.out)] == [1, 2]
 
 
 def descendants(pid):

@@ -91,6 +91,8 @@ def batches(run):
     cfg, dataset = run.cfg, run.task.dataset
     micro_global = cfg.batch_size // cfg.grad_accum
     if isinstance(dataset, torch.utils.data.IterableDataset):
+        if hasattr(dataset, 'resume'):          # a resumed run draws a stream of its own, seeded by its step
+            dataset.resume(run.step)
         loader = torch.utils.data.DataLoader(dataset, batch_size=micro_global // run.world, collate_fn=collate,
                                              num_workers=cfg.num_workers)
     else:

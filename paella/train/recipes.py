@@ -17,6 +17,7 @@ from ..data import ImageFolder, Preencoded, is_shards, webdataset_images
 from ..model import Paella, PaellaConfig, text_pool
 from ..noise import add_noise, check_token_range, loss_weight
 from ..prior import CosineSchedule, PriorConfig, PriorModel
+from ..shards import preencoded_extras
 from ..vq import VQConfig, VQModel
 from .config import TrainConfig
 from .distributed import gather_rows, seed_of
@@ -72,8 +73,9 @@ class PriorTrainConfig(TrainConfig):
 
 def image_dataset(cfg):
     """An image folder (map-style: exact resume) or webdataset shards (an endless resampled stream)."""
-    if is_shards(cfg.data):
-        return webdataset_images(cfg.data, cfg.image_size, seed=cfg.seed, **cfg.filters)
+    if is_shards(cfg.data):         # the VQGAN learns from images alone: one without caption is kept
+        return webdataset_images(cfg.data, cfg.image_size, seed=cfg.seed, captions=cfg.recipe != 'vqgan',
+                                 **cfg.filters)
     return ImageFolder(cfg.data, cfg.image_size, seed=cfg.seed)
 
 
@@ -100,10 +102,11 @@ class GeneratorTask(Task):
     def __init__(self, cfg, device):
         from ..conditioning import EmbeddingCache, load_text_encoder
         self.cfg, self.device = cfg, device
-        if Path(cfg.data).suffix == '.safetensors':       # paella preencode: tokens and text states
-            self.dataset, self.encoder = Preencoded(cfg.data), None
-            self.uncond = self.dataset.extras.get('uncond_text')
-            width = self.dataset.tensors['text'].shape[-1]
+        file = Path(cfg.data).suffix == '.safetensors'
+        if file or (is_shards(cfg.data) and preencoded_extras(cfg.data)[1]):    # paella preencode's output
+            self.dataset, self.encoder = Preencoded(cfg.data) if file else image_dataset(cfg), None
+            self.uncond = self.dataset.extras.get('uncond_text')                # (1, L, D), as encoded
+            width = self.dataset.tensors['text'].shape[-1] if file else self.uncond.shape[-1]
             self.vqgan_path = cfg.vqgan or self.dataset.meta.get('vqgan', '')
         elif not cfg.vqgan:
             raise ValueError("training the generator on images needs --vqgan <VQGAN folder> "
