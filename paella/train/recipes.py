@@ -209,6 +209,10 @@ class VQTask(Task):
         else:
             self.dataset = image_dataset(cfg)
         self.model = VQModel(VQModel.make_config(cfg.preset, **cfg.model))
+        # The batch norm after the encoder cancels a per-channel constant of its input, so the last encoder
+        # block's output bias has a gradient of exactly 0 in exact arithmetic; Adam would move it by ~lr a
+        # step on rounding noise alone (differently for each split of the batch or thread count).
+        self.model.down_blocks[-2].channelwise[-1].bias.register_hook(torch.zeros_like)
         self.usage = torch.zeros(self.model.codebook_size, dtype=torch.long)   # (K,) uses since the last restart
         self.latents = None
 
