@@ -94,7 +94,7 @@ CASES = [
     ("device must be cpu, cuda, cuda:N or mps, got 'gpu0'", ['generate', 'x', '--device', 'gpu0'], None),
     ('ends in .txt, which is not an image format', ['generate', 'x', '-o', 'x.txt'], None),
     ('has no extension', ['generate', 'x', '-o', 'noext'], None),
-    ('is not a regular file', ['generate', 'x', '-o', '/dev/null'], None),
+    ('is not a regular file', ['generate', 'x', '-o', '/dev/full'], None),
     ('is a directory', ['generate', 'x', '-o', '{dir}'], None),
     ("dtype must be 'auto'", ['generate', 'x', '--dtype', 'fp8'], None),
     ('expected a number or START END', ['generate', 'x', '--cfg', 'nan'], None),
