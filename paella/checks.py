@@ -9,8 +9,9 @@ everywhere: ``seed must be a whole number, got 1.5``. Each check returns the cle
 carries its own (``pipe.caps``, change them there); the server's `Limits` are lower.
 """
 import math
+import numbers
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 
@@ -28,9 +29,9 @@ SEED_MAX = 2 ** 63 - 1      # torch takes 64 bits; JSON clients (and the server)
 
 def is_number(value):
     """A finite int or float that fits in 64 bits (not a bool, not NaN, not a 400-digit integer)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
-    return abs(value) < 2 ** 63 if isinstance(value, int) else math.isfinite(value)
+    return abs(value) < 2 ** 63 if isinstance(value, numbers.Integral) else math.isfinite(value)
 
 
 def short(value):
@@ -42,7 +43,7 @@ def short(value):
 def number(value, name, lo, hi, integer=False):
     """A number in [lo, hi] (``integer``: a whole one, returned as int)."""
     kind = 'a whole number' if integer else 'a number'
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):       # numpy's numbers are Real too
         raise TypeError(f"{name} must be {kind} between {lo} and {hi}, got {short(value)}")
     if not is_number(value):
         raise ValueError(f"{name} must be {kind} between {lo} and {hi}, got {short(value)}")
@@ -112,31 +113,31 @@ def choice(value, name, options):
     return value
 
 
-def settings(s, caps):
-    """A pipeline's `Settings`, each field checked (``s``: a Settings instance; returned as is)."""
-    integer(s.steps, 'steps', 1, caps.steps)
-    if s.renoise_steps is not None:
-        integer(s.renoise_steps, 'renoise_steps', 0, caps.steps)
-    if min(_pair(schedule(s.temperature, 'temperature', 0, 100))) <= 0:
-        raise ValueError(f"temperature must be above 0, got {short(s.temperature)}")
-    if s.cfg is not None:
-        schedule(s.cfg, 'cfg', 0, 100)
-    if s.sampling_conditional_steps is not None:
-        integer(s.sampling_conditional_steps, 'sampling_conditional_steps', 0, caps.steps)
-    choice(s.mode, 'mode', ('multinomial', 'cdf', 'argmax', 'quant'))
-    choice(s.prior_sampler, 'prior_sampler', ('ddpm', 'ddim'))
-    integer(s.prior_steps, 'prior_steps', 1, caps.steps)
+def settings(s, caps, pixels_per_token=1):
+    """A pipeline's `Settings` with each field checked and cleaned (whole numbers as int, pairs as tuples);
+    the canvas (latent_size x ``pixels_per_token``) within ``caps.side``."""
+    def optional(check, value, *args):
+        return None if value is None else check(value, *args)
     if not (isinstance(s.latent_size, (list, tuple)) and len(s.latent_size) == 2):
         raise TypeError(f"latent_size must be (height, width) in tokens, got {short(s.latent_size)}")
-    for v in s.latent_size:
-        integer(v, 'latent_size', 1, caps.side)
+    latent = tuple(integer(v, 'latent_size', 1, max(1, caps.side // pixels_per_token)) for v in s.latent_size)
+    temperature = schedule(s.temperature, 'temperature', 0, 100)
+    if s.mode != 'argmax' and min(_pair(temperature)) <= 0:        # argmax never reads it
+        raise ValueError(f"temperature must be above 0, got {short(s.temperature)}")
     for name in ('batch_cfg', 'cache'):
         if not isinstance(getattr(s, name), bool):
             raise TypeError(f"{name} must be True or False, got {short(getattr(s, name))}")
-    for name in ('prior_cfg', 'attn_text_weight', 'attn_image_weight'):
-        if getattr(s, name) is not None:
-            number(getattr(s, name), name, 0, 100)
-    return s
+    return replace(
+        s, latent_size=latent, temperature=temperature, steps=integer(s.steps, 'steps', 1, caps.steps),
+        renoise_steps=optional(integer, s.renoise_steps, 'renoise_steps', 0, caps.steps),
+        cfg=optional(schedule, s.cfg, 'cfg', 0, 100),
+        sampling_conditional_steps=optional(integer, s.sampling_conditional_steps, 'sampling_conditional_steps',
+                                            0, caps.steps),
+        mode=choice(s.mode, 'mode', ('multinomial', 'cdf', 'argmax', 'quant')),
+        prior_sampler=choice(s.prior_sampler, 'prior_sampler', ('ddpm', 'ddim')),
+        prior_steps=integer(s.prior_steps, 'prior_steps', 1, caps.steps),
+        **{name: optional(number, getattr(s, name), name, 0, 100)
+           for name in ('prior_cfg', 'attn_text_weight', 'attn_image_weight')})
 
 
 def overrides(values, settings_type):

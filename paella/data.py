@@ -258,8 +258,8 @@ def select_shard_sample(raw, check, captions=True):
     if 'json' in raw:
         try:
             meta = json.loads(raw['json'])
-        except ValueError as e:                      # JSONDecodeError, UnicodeDecodeError
-            return {'skip': f'bad json ({type(e).__name__}: {e})', 'name': name}
+        except (ValueError, RecursionError) as e:    # JSONDecodeError, UnicodeDecodeError, nested too deeply
+            return {'skip': f'bad json ({type(e).__name__}: {str(e)[:80]})', 'name': name}
         if not isinstance(meta, dict):
             return {'skip': f'json is {json.dumps(meta)[:20]}, not an object', 'name': name}
     text, note = decode_caption(raw['txt']) if 'txt' in raw else ('', None)
@@ -281,7 +281,10 @@ def decode_shard_sample(raw, rng, image_size, min_size=0):
     out = {'caption': raw['_text'], 'name': raw['_name'], 'note': raw['_note']}
     if 'tokens.npy' in raw:
         for k in (k for k in PREENCODED if k in raw):
-            out[k[:-4]] = torch.from_numpy(np.load(io.BytesIO(raw[k]), allow_pickle=False))
+            try:
+                out[k[:-4]] = torch.from_numpy(np.load(io.BytesIO(raw[k]), allow_pickle=False))
+            except (ValueError, OSError, EOFError, TypeError) as e:    # a damaged or object array
+                return {'skip': f'bad {k} ({type(e).__name__})', 'name': raw['_name']}
         return out
     data = raw[next(k for k in SHARD_IMAGES if k in raw)]
     try:

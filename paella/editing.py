@@ -140,7 +140,7 @@ def mix_conditions(a, b, alpha, method='linear'):
 def region_mask(region, size):
     """A (H, W) pixel mask from a box (x0, y0, x1, y1) in pixels or a mask image / array of the canvas size."""
     if isinstance(region, (tuple, list)) and len(region) == 4 and all(isinstance(v, (int, float)) for v in region):
-        x0, y0, x1, y1 = (round(float(v)) for v in region)
+        x0, y0, x1, y1 = (round(checks.number(v, 'a box coordinate', 0, max(size))) for v in region)
         if not (0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1]):
             raise ValueError(f"box {tuple(region)} is not a non-empty box inside the {size[0]}x{size[1]} canvas")
         m = np.zeros((size[1], size[0]), dtype=bool)
@@ -202,7 +202,7 @@ def inpaint(pipe, image, mask, prompt, dilate=0, keep_pixels=True, o=Options()):
     if len(masks) != len(originals):
         raise ValueError(f"give one mask or one per image: {len(masks)} masks for {len(originals)} images")
     originals_masks = [load_mask(m, im.size) for m, im in zip(masks, originals)]
-    dilate = checks.integer(dilate, 'dilate', 0, max(pipe.settings.latent_size))
+    dilate = checks.integer(dilate, 'dilate', 0, pipe.caps.side)
     prompts, size, f = _broadcast(prompt, len(originals), pipe), pipe.image_size, pipe.vqgan.downsampling
     for im in originals:
         if im.size != size:
@@ -277,6 +277,7 @@ def variations(pipe, image, n=4, prompt='', strength=0.6, o=Options()):
     given the image's CLIP embedding (and ``prompt``). Otherwise: `edit` of the image's own tokens at
     ``strength`` (toward ``prompt``, empty by default) with n draws of the noise."""
     n = checks.count(n, 'n', pipe.caps.images)
+    prompt = checks.text(prompt, 'prompt', pipe.caps.prompt)
     image = load_image(image)
     if pipe.clip is None:
         return edit(pipe, [image] * n, prompt, strength, o)

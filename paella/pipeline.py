@@ -153,7 +153,7 @@ class Pipeline:
     def settings_with(self, overrides):
         """The pipeline's settings with some fields replaced (a dict: steps=, cfg=, ...), each checked."""
         checks.overrides(overrides, Settings)
-        return checks.settings(replace(self.settings, **tuples(overrides)), self.caps)
+        return checks.settings(replace(self.settings, **tuples(overrides)), self.caps, self.vqgan.downsampling)
 
     def options(self, seed=None, generator=None, negative_prompt='', callback=None, output='pil', overrides=None):
         """One call's `Options`, every value checked before any work (`paella.checks`)."""

@@ -1,7 +1,8 @@
 """What several commands share: loading a pipeline, value types for flags, Settings overrides."""
 import argparse
-import math
 import sys
+
+from .. import checks
 
 
 def load_pipeline(args, **kwargs):
@@ -33,9 +34,23 @@ def parse_cfg(text):
         values = tuple(float(v) for v in text.split(','))
     except ValueError:
         values = ()
-    if len(values) not in (1, 2) or not all(math.isfinite(v) for v in values):
+    if len(values) not in (1, 2):
         raise argparse.ArgumentTypeError(f"expected a number or START END such as 3 1.25, got {text!r}")
-    return values[0] if len(values) == 1 else values
+    try:                                        # nan, inf, -1: the Python API's sentence
+        return checks.schedule(values[0] if len(values) == 1 else values, 'cfg', 0, 100)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def number(text):
+    """A number as typed ('3' -> 3, '1.5' -> 1.5): whether it is whole and in range is for `paella.checks`
+    to say, in the sentence the Python API uses (argparse's own would be "invalid int value")."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
 
 
 def positive(text):

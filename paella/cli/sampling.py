@@ -3,15 +3,15 @@ import argparse
 import sys
 
 from .. import checks, flags
-from .common import Cfg, box_or_mask, load_pipeline, overrides, parse_size, position, progress
+from .common import Cfg, box_or_mask, load_pipeline, number, overrides, parse_size, position, progress
 
 
 def sampling_args(p, output, seed=None):
     """The flags every sampling command takes (``seed``: the default seed; None draws one)."""
     p.add_argument('--model', help='pipeline folder (default: the emoji model shipped in the package)')
     p.add_argument('-o', '--output', default=output, help='output image (default: %(default)s)')
-    p.add_argument('--seed', type=int, default=seed, help=f"random seed (default: {seed if seed is not None else 'random'})")
-    p.add_argument('--steps', type=int, help="sampling steps (default: the model's)")
+    p.add_argument('--seed', type=number, default=seed, help=f"random seed (default: {seed if seed is not None else 'random'})")
+    p.add_argument('--steps', type=number, help="sampling steps (default: the model's)")
     p.add_argument('--cfg', action=Cfg, help="classifier-free guidance scale, or START END for a linear "
                                              "schedule over the steps (default: the model's)")
     p.add_argument('--negative-prompt', default='', help='what the image should not be')
@@ -22,7 +22,7 @@ def sampling_args(p, output, seed=None):
 def parse_generate(p):
     p.add_argument('prompt', nargs='+', help='one or more prompts')
     sampling_args(p, 'paella.png')
-    p.add_argument('--num-images', type=int, default=1, help='images per prompt')
+    p.add_argument('--num-images', type=number, default=1, help='images per prompt')
     p.add_argument('--labels', action='store_true', help='with --grid: write each prompt under its image')
     p.add_argument('--dtype', default='auto', help="generator weights: auto (bf16 where native), fp32 or bf16")
     p.add_argument('--compile', action='store_true', help='torch.compile the generator (slow first call)')
@@ -55,14 +55,14 @@ PROMPT = ('prompt', 'prompt')
 # mode -> (help, positional arguments, extra flags: (names, add_argument options), the Pipeline call)
 MODES = {
     'variations': ('variations of an image', [IMAGE], [
-        (['-n'], dict(type=int, default=4, help='number of variations (default: %(default)s)')),
+        (['-n'], dict(type=number, default=4, help='number of variations (default: %(default)s)')),
         (['--prompt'], dict(default='', help='steer the variations toward a prompt (default: none)')),
         (['--strength'], dict(type=float, default=0.6,
                               help='models without CLIP: fraction of tokens re-noised (default: %(default)s)'))],
         lambda pipe, a, kw: pipe.variations(a.image, a.n, a.prompt, a.strength, **kw)),
     'inpaint': ('regenerate the masked part of an image',
                 [IMAGE, ('mask', 'mask image of the same size: white = regenerate'), PROMPT], [
-        (['--dilate'], dict(type=int, default=0, help='grow the mask by this many tokens (default: 0)'))],
+        (['--dilate'], dict(type=number, default=0, help='grow the mask by this many tokens (default: 0)'))],
         lambda pipe, a, kw: pipe.inpaint(a.image, a.mask, a.prompt, dilate=a.dilate, **kw)),
     'outpaint': ('extend an image to a larger canvas', [IMAGE, PROMPT], [
         (['--size'], dict(type=parse_size, required=True, help='canvas WIDTHxHEIGHT in pixels, e.g. 128x64')),
@@ -70,7 +70,7 @@ MODES = {
                               "top, bottom, top-left, ... or X,Y (default: center)"))],
         lambda pipe, a, kw: pipe.outpaint(a.image, a.prompt, a.size, a.position, **kw)),
     'interpolate': ('images between two prompts', [('prompt_a', 'first prompt'), ('prompt_b', 'last prompt')], [
-        (['-n'], dict(type=int, default=5, help='number of images (default: %(default)s)')),
+        (['-n'], dict(type=number, default=5, help='number of images (default: %(default)s)')),
         (['--method'], dict(choices=['linear', 'slerp'], default='linear'))],
         lambda pipe, a, kw: pipe.interpolate(a.prompt_a, a.prompt_b, a.n, a.method, **kw)),
     'edit': ('structural editing: move an image toward a prompt', [IMAGE, PROMPT], [
@@ -81,7 +81,7 @@ MODES = {
                             help='a prompt and its region: X0,Y0,X1,Y1 in pixels or a mask image (repeatable)')),
         (['--size'], dict(type=parse_size, help="canvas WIDTHxHEIGHT (default: the model's)")),
         (['--background'], dict(default='', help='prompt outside every region (default: empty)')),
-        (['--num-images'], dict(type=int, default=1))],
+        (['--num-images'], dict(type=number, default=1))],
         lambda pipe, a, kw: pipe.regional(a.regions, a.size, a.background, num_images=a.num_images, **kw)),
 }
 
@@ -93,11 +93,9 @@ def check_sampling(p, args):
     caps, mode = checks.Caps(), args.command
     try:
         checks.device(args.device)
-        checks.seed(args.seed)
+        args.seed = checks.seed(args.seed)          # cleaned as the API cleans them: '2.0' is 2
         if args.steps is not None:
-            checks.integer(args.steps, 'steps', 1, caps.steps)
-        if args.cfg is not None:
-            checks.schedule(args.cfg, 'cfg', 0, 100)
+            args.steps = checks.integer(args.steps, 'steps', 1, caps.steps)
         checks.text(args.negative_prompt, 'negative_prompt', caps.prompt)
         checks.output_path(args.output)
         for name in ('prompt', 'prompt_a', 'prompt_b', 'background'):
@@ -107,20 +105,24 @@ def check_sampling(p, args):
         if mode == 'generate':
             from ..speed import resolve_dtype
             resolve_dtype(args.dtype, 'cpu')
-            checks.count(args.num_images, 'num_images', caps.images)
-            checks.count(len(args.prompt) * args.num_images, 'the number of images (prompts x num_images)', caps.images)
+            args.num_images = checks.count(args.num_images, 'num_images', caps.images)
+            checks.count(len(args.prompt) * args.num_images, 'the number of images', caps.images)
         if mode in ('variations', 'interpolate'):
-            checks.count(args.n, 'n', caps.images, lo=2 if mode == 'interpolate' else 1)
+            args.n = checks.count(args.n, 'n', caps.images, lo=2 if mode == 'interpolate' else 1)
         if mode in ('variations', 'edit'):
             checks.number(args.strength, 'strength', 0, 1)
         if mode == 'inpaint':
-            checks.integer(args.dilate, 'dilate', 0, caps.side)
+            args.dilate = checks.integer(args.dilate, 'dilate', 0, caps.side)
         if mode in ('outpaint', 'regional') and args.size is not None:
             checks.canvas(args.size, 1, caps)
         if mode == 'regional':
             checks.count(len(args.region), 'the number of regions', caps.regions)
-            checks.count(args.num_images, 'num_images', caps.images)
-            args.regions = [(prompt, box_or_mask(region)) for prompt, region in args.region]
+            args.num_images = checks.count(args.num_images, 'num_images', caps.images)
+            args.regions = [(checks.text(prompt, 'a region prompt', caps.prompt), box_or_mask(region))
+                            for prompt, region in args.region]
+            for _, region in args.regions:
+                for v in region if isinstance(region, tuple) else ():
+                    checks.number(v, 'a box coordinate', 0, caps.side)
         for name in ('image', 'mask'):
             if getattr(args, name, None) is not None:
                 load_image(getattr(args, name), name)
