@@ -237,3 +237,20 @@ def test_sigkill_storm_ends_with_exports_equal_to_the_final_checkpoint(tmp_path)
         assert all(torch.equal(exported[k], v) for k, v in final[name].items()), name
     assert len(list((out / 'checkpoints').glob('*.pt'))) == 2 and not list(out.rglob('*.tmp'))
     assert steps_logged(out) == list(range(1, 41))
+
+
+def test_torchrun_names_every_process_bad_samples(tmp_path):
+    """skipped.log held rank 0's bad samples alone: under torchrun the others' were never named or counted."""
+    from test_train import bad_folder
+    folder = bad_folder(tmp_path)
+    n = len([p for p in folder.iterdir() if p.suffix in ('.png', '.jpg')])
+    cmd = ['-m', 'paella.cli', 'train-vq', '--data', str(folder), '--image-size', '32', '--preset', 'tiny',
+           '--steps', '2', '--batch-size', str(n + n % 2), '--precision', 'fp32', '--tensorboard', 'false',
+           '--log-every', '1']
+    subprocess.run([sys.executable, *cmd, '--out', str(tmp_path / 'one')], env=ENV, check=True, capture_output=True)
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *cmd,
+                    '--out', str(tmp_path / 'two')], env=ENV, check=True, capture_output=True)
+    one, two = (sorted((tmp_path / r / 'skipped.log').read_text().splitlines()) for r in ('one', 'two'))
+    assert one == two and len(one) >= 10
+    counts = [[json.loads(line)['skipped'] for line in open(tmp_path / r / 'metrics.jsonl')] for r in ('one', 'two')]
+    assert counts[0] == counts[1]

@@ -161,6 +161,15 @@ def gather_rows(x):
     return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
 
 
+def gather_lists(items):
+    """Every process's list, concatenated in rank order (bad samples: rank 0 names them all)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [item for part in parts for item in part]
+
+
 def gather_sums(n, sums):
     """(samples, {metric: sum over samples}) added over every process (one small collective)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -185,7 +185,9 @@ def one_step(run):
 
 
 def note_skipped(run, step, bad):
-    """Bad samples never stop a run: rank 0 lists them in skipped.log; unreadable captions are kept."""
+    """Bad samples never stop a run: rank 0 lists every process's in skipped.log (a collective: every rank
+    calls it at each micro-batch); unreadable captions are kept."""
+    bad = distributed.gather_lists(bad)
     if bad and run.rank == 0:
         with open(run.out / 'skipped.log', 'a') as f:
             f.writelines(f'step {step}: {name}: {why}\n' for name, why in bad)
