@@ -133,6 +133,7 @@ def settings(s, caps, pixels_per_token=1):
         cfg=optional(schedule, s.cfg, 'cfg', 0, 100),
         sampling_conditional_steps=optional(integer, s.sampling_conditional_steps, 'sampling_conditional_steps',
                                             0, caps.steps),
+        sampling_quant_steps=optional(integer, s.sampling_quant_steps, 'sampling_quant_steps', 0, caps.steps),
         mode=choice(s.mode, 'mode', ('multinomial', 'cdf', 'argmax', 'quant')),
         prior_sampler=choice(s.prior_sampler, 'prior_sampler', ('ddpm', 'ddim')),
         prior_steps=integer(s.prior_steps, 'prior_steps', 1, caps.steps),

@@ -211,7 +211,8 @@ class Pipeline:
         checks.canvas([v * self.vqgan.downsampling for v in shape[:0:-1]], 1, self.caps, 'canvas')
         tokens = sample(model or self.runner, cond, shape, uncond, steps=s.steps, renoise_steps=s.renoise_steps,
                         temperature=s.temperature, cfg=s.cfg, t_start=t_start,
-                        sampling_conditional_steps=s.sampling_conditional_steps, init_x=init_x, mask=mask,
+                        sampling_conditional_steps=s.sampling_conditional_steps,
+                        sampling_quant_steps=s.sampling_quant_steps, init_x=init_x, mask=mask,
                         mode=s.mode, codebook=self.vqgan.vquantizer.codebook.weight, attn_weights=attn,
                         generator=generator, callback=o.callback, batch_cfg=s.batch_cfg, cache=s.cache)
         if timings is not None:

@@ -68,7 +68,7 @@ def draw_tokens(logits, temperature, mode='multinomial', generator=None, codeboo
 @torch.no_grad()
 def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *, steps=12, renoise_steps=None,
            temperature=(1.0, 0.2), cfg=8.0, t_start=1.0, t_end=0.0, sampling_conditional_steps=None,
-           init_x=None, mask=None, mode='multinomial', renoise_mode='start', typical_mass=None,
+           sampling_quant_steps=None, init_x=None, mask=None, mode='multinomial', renoise_mode='start', typical_mass=None,
            typical_min_tokens=1, top_k=None, codebook=None, attn_weights=None, generator=None, callback=None,
            batch_cfg=False, cache=False):
     """Sample token grids (B, H, W).
@@ -81,6 +81,8 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
     temperature, cfg: a number or a linear (start, end) schedule; cfg None or 0 disables guidance.
     t_start, t_end: noise levels of the first and past-the-last step.
     sampling_conditional_steps: guidance only for the first this many steps.
+    sampling_quant_steps: from this step on the draw is 'quant' whatever ``mode`` says (the published
+        demo's switch; needs ``codebook``).
     init_x (B, H, W): starting tokens instead of random ones. mask (B, H, W), True = generate: other
         positions stay exactly init_x.
     mode: 'multinomial' (the published categorical step), 'cdf' (the same distribution by inverse CDF: one
@@ -98,11 +100,12 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
         between two codes, where one token may flip (and the rest of the run follow it).
     """
     latent_shape, mask = check_arguments(model, latent_shape, steps, mode, renoise_mode, codebook, init_x, mask,
-                                         typical_mass, top_k, temperature, cfg)
+                                         typical_mass, top_k, temperature, cfg, sampling_quant_steps)
     b, device = latent_shape[0], _device(model_inputs, init_x) or torch.device('cpu')
     guided = Guided(model, model_inputs, unconditional_inputs, cfg=cfg, steps=steps, b=b, attn_weights=attn_weights,
                     conditional_steps=sampling_conditional_steps, batch=batch_cfg, cache=cache, exact=mode != 'cdf')
-    draw = drawer(steps, temperature, mode, generator, codebook, top_k, typical_mass, typical_min_tokens)
+    draw = drawer(steps, temperature, mode, generator, codebook, top_k, typical_mass, typical_min_tokens,
+                  sampling_quant_steps)
     renoise_steps = steps - 1 if renoise_steps is None else renoise_steps
 
     init_noise = torch.randint(0, model.num_labels, latent_shape, device=device, generator=generator)
@@ -124,7 +127,7 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
 
 
 def check_arguments(model, latent_shape, steps, mode, renoise_mode, codebook, init_x, mask, typical_mass, top_k,
-                    temperature, cfg):
+                    temperature, cfg, quant_steps=None):
     """ValueError for any argument `sample` cannot take, before any work; (latent_shape, mask as bool)."""
     if latent_shape is None:
         if init_x is None:
@@ -139,8 +142,9 @@ def check_arguments(model, latent_shape, steps, mode, renoise_mode, codebook, in
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if renoise_mode not in RENOISE_MODES:
         raise ValueError(f"renoise_mode must be one of {RENOISE_MODES}, got {renoise_mode!r}")
-    if mode == 'quant' and codebook is None:
-        raise ValueError("mode='quant' needs the VQGAN codebook: codebook=vq.vquantizer.codebook.weight")
+    if (mode == 'quant' or quant_steps is not None) and codebook is None:
+        raise ValueError("mode='quant' and sampling_quant_steps need the VQGAN codebook: "
+                         "codebook=vq.vquantizer.codebook.weight")
     if init_x is not None and tuple(init_x.shape) != latent_shape:
         raise ValueError(f"init_x has shape {tuple(init_x.shape)}, expected {latent_shape}")
     if init_x is not None:
@@ -174,16 +178,18 @@ def checked_schedule(name, value, steps):
     return values
 
 
-def drawer(steps, temperature, mode, generator, codebook, top_k, typical_mass, typical_min_tokens):
-    """The draw step: ``draw(logits, i)`` -> tokens, with the optional filters and step i's temperature."""
+def drawer(steps, temperature, mode, generator, codebook, top_k, typical_mass, typical_min_tokens, quant_steps=None):
+    """The draw step: ``draw(logits, i)`` -> tokens, with the optional filters, step i's temperature and
+    mode ('quant' from step ``quant_steps`` on)."""
     temperatures = schedule(temperature, steps)
+    quant_steps = steps if quant_steps is None else quant_steps
 
     def draw(logits, i):
         if top_k is not None:
             logits = top_k_filter(logits, top_k)
         if typical_mass is not None:
             logits = typical_filter(logits, typical_mass, typical_min_tokens)
-        return draw_tokens(logits, temperatures[i], mode, generator, codebook)
+        return draw_tokens(logits, temperatures[i], 'quant' if i >= quant_steps else mode, generator, codebook)
     return draw
 
 

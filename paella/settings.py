@@ -20,6 +20,7 @@ class Settings:
     temperature: tuple = (1.0, 0.2)                 # linear from start to end (the sampler's default)
     cfg: float | tuple | None = 3.0                 # the shipped model's starting scale, held constant
     sampling_conditional_steps: int | None = None   # guidance for the first N steps only; None: all
+    sampling_quant_steps: int | None = None         # 'quant' draws from step N on (the v3 demo's switch)
     mode: str = 'cdf'                               # the published step is 'multinomial' (paella.speed)
     batch_cfg: bool = True                          # one forward for both CFG branches
     cache: bool = True                              # conditioning keys/values computed once per run

@@ -58,6 +58,24 @@ def test_modes_give_valid_reproducible_tokens(tiny_paella, tiny_vq, conds, mode,
     assert torch.equal(a, b)
 
 
+def test_sampling_quant_steps_switches_to_quant_from_that_step(tiny_paella, tiny_vq, conds):
+    """The published demo's switch (`if i >= sampling_quant_steps: mode = "quant"`): the steps before it
+    draw with ``mode``, the rest 'quant'; 0 is 'quant' throughout, ``steps`` never switches."""
+    codebook = tiny_vq.vquantizer.codebook.weight
+
+    def steps_of(**kw):
+        seen = []
+        run(tiny_paella, conds, 3, codebook=codebook, callback=lambda i, x: seen.append(x.clone()), **kw)
+        return seen
+    multinomial, quant = steps_of(), steps_of(mode='quant')
+    assert all(map(torch.equal, steps_of(sampling_quant_steps=4), multinomial))
+    assert all(map(torch.equal, steps_of(sampling_quant_steps=0), quant))
+    mixed = steps_of(sampling_quant_steps=2)
+    assert all(map(torch.equal, mixed[:2], multinomial[:2])) and not torch.equal(mixed[2], multinomial[2])
+    with pytest.raises(ValueError, match='sampling_quant_steps need the VQGAN codebook'):
+        run(tiny_paella, conds, sampling_quant_steps=2)
+
+
 def test_argmax_without_renoise_is_the_argmax_of_the_last_step(tiny_paella, conds):
     seen = []
     out = run(tiny_paella, conds, 0, mode='argmax', renoise_steps=0, callback=lambda i, x: seen.append(x))
