@@ -137,10 +137,11 @@ def mix_conditions(a, b, alpha, method='linear'):
     return out
 
 
-def region_mask(region, size):
-    """A (H, W) pixel mask from a box (x0, y0, x1, y1) in pixels or a mask image / array of the canvas size."""
+def region_mask(region, size, caps):
+    """A (H, W) pixel mask from a box (x0, y0, x1, y1) in pixels (each within ``caps.side``) or a mask image /
+    array of the canvas size."""
     if isinstance(region, (tuple, list)) and len(region) == 4 and all(isinstance(v, (int, float)) for v in region):
-        x0, y0, x1, y1 = (round(checks.number(v, 'a box coordinate', 0, max(size))) for v in region)
+        x0, y0, x1, y1 = (round(checks.number(v, 'a box coordinate', 0, caps.side)) for v in region)
         if not (0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1]):
             raise ValueError(f"box {tuple(region)} is not a non-empty box inside the {size[0]}x{size[1]} canvas")
         m = np.zeros((size[1], size[0]), dtype=bool)
@@ -163,7 +164,7 @@ def region_weights(regions, size, background, m, f, caps):
     size = checks.canvas(size, 1, caps)
     if size[0] % m or size[1] % m:
         raise ValueError(f"size must be (width, height) with multiples of {m}, got {size!r}")
-    masks = [region_mask(box, size) for _, box in regions]
+    masks = [region_mask(box, size, caps) for _, box in regions]
     prompts = [p for p, _ in regions]
     covered = np.any(masks, axis=0)
     if not covered.all():
