@@ -275,15 +275,18 @@ def edit(pipe, image, prompt, strength=0.5, o=Options()):
 
 def variations(pipe, image, n=4, prompt='', strength=0.6, o=Options()):
     """n variations of one image. With a CLIP encoder in the pipeline (Paella v3): sampled from noise
-    given the image's CLIP embedding (and ``prompt``). Otherwise: `edit` of the image's own tokens at
+    given the image's CLIP embedding (and ``prompt``); a list of images conditions on all of them at once,
+    each embedding its own 4 tokens (the published demo's). Otherwise: `edit` of the image's own tokens at
     ``strength`` (toward ``prompt``, empty by default) with n draws of the noise."""
     n = checks.count(n, 'n', pipe.caps.images)
     prompt = checks.text(prompt, 'prompt', pipe.caps.prompt)
-    image = load_image(image)
+    images = [load_image(im) for im in _images(image, pipe)]
     if pipe.clip is None:
-        return edit(pipe, [image] * n, prompt, strength, o)
-    embedding = pipe.clip.encode_images([image]).to(pipe.device)                    # (1, D)
-    tokens = pipe.run([prompt] * n, o, image_embeddings=embedding.expand(n, -1))
+        if len(images) > 1:
+            raise ValueError("variations of several images together need a pipeline with CLIP (Paella v3)")
+        return edit(pipe, images * n, prompt, strength, o)
+    embeddings = [pipe.clip.encode_images([im]).to(pipe.device).expand(n, -1) for im in images]   # each (n, D)
+    tokens = pipe.run([prompt] * n, o, image_embeddings=embeddings if len(embeddings) > 1 else embeddings[0])
     return pipe.decode(tokens, o.output)
 
 

@@ -179,11 +179,14 @@ class Paella(Pretrained, nn.Module, config_class=PaellaConfig, presets=PRESETS, 
         return r_embedding(r, self.c_r, max_positions)
 
     def gen_c_embeddings(self, byt5, clip=None, clip_image=None):
-        """Conditioning sequence (B, L + 4 [clip] + 4 [clip_image], c_cond)."""
+        """Conditioning sequence (B, L + 4 [clip] + 4 per clip_image, c_cond). ``clip_image`` may be a list
+        of embeddings (B, clip_embd), each its own 4 tokens, in order (the published demo's variations of
+        several images)."""
         seq = self.byt5_mapper(byt5)
         if clip is None and self.config.pooled_text:
             clip = text_pool(byt5)
-        for vec, mapper in ((clip, self.clip_mapper), (clip_image, self.clip_image_mapper)):
+        images = clip_image if isinstance(clip_image, (list, tuple)) else [clip_image]
+        for vec, mapper in ((clip, self.clip_mapper), *((v, self.clip_image_mapper) for v in images)):
             if vec is not None:
                 seq = torch.cat([seq, mapper(vec).view(vec.size(0), -1, self.c_cond)], dim=1)
         return self.seq_norm(seq)
@@ -214,9 +217,11 @@ class Paella(Pretrained, nn.Module, config_class=PaellaConfig, presets=PRESETS, 
         if byt5 is None or byt5.dim() != 3 or byt5.shape[0] != b or byt5.shape[2] != cfg.byt5_embd:
             raise ValueError(f"text conditioning must have shape ({b or 'B'}, L, {cfg.byt5_embd}), "
                              f"got {None if byt5 is None else tuple(byt5.shape)}")
-        for name, vec in (('clip', clip), ('clip_image', clip_image)):
-            if vec is not None and (vec.dim() != 2 or vec.shape != (b, cfg.clip_embd)):
-                raise ValueError(f"{name} embedding must have shape ({b}, {cfg.clip_embd}), got {tuple(vec.shape)}")
+        images = list(clip_image) if isinstance(clip_image, (list, tuple)) else [clip_image]
+        for name, vec in (('clip', clip), *(('clip_image', v) for v in images)):
+            if vec is not None and (not isinstance(vec, torch.Tensor) or vec.shape != (b, cfg.clip_embd)):
+                raise ValueError(f"{name} embedding must have shape ({b}, {cfg.clip_embd}), "
+                                 f"got {tuple(getattr(vec, 'shape', ()))}")
 
     def _blocks(self, level, x, r_embed, c_embed, skip=None, key_weights=None, cached=None):
         for j, block in enumerate(level):

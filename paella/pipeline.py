@@ -167,7 +167,7 @@ class Pipeline:
 
     def conditions(self, prompts, negative_prompt='', settings=None, generator=None, image_embeddings=None):
         """(conditional inputs, unconditional inputs, attention weights) for the sampler. With a CLIP
-        encoder, ``image_embeddings`` (B, D) replace the prior's (variations)."""
+        encoder, ``image_embeddings`` (B, D) (or a list of them) replace the prior's (variations)."""
         s = settings or self.settings
         device, dtype = self.device, next(self.generator.parameters()).dtype
         b = len(prompts)
@@ -185,8 +185,9 @@ class Pipeline:
                 image = sample_prior(self.prior, clip_text[:b].to(next(self.prior.parameters()).dtype),
                                      steps=s.prior_steps, cfg=s.prior_cfg, sampler=s.prior_sampler,
                                      generator=generator)
-            if image is not None:
-                cond['clip_image'] = image.to(device, dtype)
+            if image is not None:       # (B, D), or a list of them: one image's 4 tokens each
+                cond['clip_image'] = [e.to(device, dtype) for e in image] if isinstance(image, (list, tuple)) \
+                    else image.to(device, dtype)
                 if s.attn_text_weight is not None:
                     attn = v3_attn_weights(text.shape[1], s.attn_text_weight, s.attn_image_weight).to(device)
         return cond, uncond, attn

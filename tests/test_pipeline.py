@@ -143,6 +143,19 @@ def test_v3_variations_use_the_clip_image_embedding(pipe, monkeypatch):
     assert torch.equal(seen[0]['clip_image'], pipe.clip.encode_images([red]).expand(2, -1).to(seen[0]['byt5']))
     b = pipe.variations(blue, n=2, seed=0, output='tokens', **FAST)
     assert not torch.equal(seen[-1]['clip_image'], seen[0]['clip_image']) and not torch.equal(a, b)
+    # Several images at once (the published demo's list): each embedding is 4 more conditioning tokens.
+    both = pipe.variations([red, blue], n=2, seed=0, output='tokens', **FAST)
+    assert both.shape == (2, 16, 16) and not torch.equal(both, a)
+    listed = seen[-1]['clip_image']
+    assert isinstance(listed, list) and [e.shape for e in listed] == [(2, 16), (2, 16)]
+    model = pipe.generator
+    text, clip = seen[-1]['byt5'], seen[-1]['clip']
+    with torch.no_grad():
+        seq = model.gen_c_embeddings(text, clip, listed)
+        mapped = [model.clip_image_mapper(e).view(2, -1, model.c_cond) for e in listed]
+        manual = model.seq_norm(torch.cat([model.byt5_mapper(text), model.clip_mapper(clip).view(2, -1, model.c_cond),
+                                           *mapped], dim=1))
+    assert seq.shape[1] == text.shape[1] + 4 * 3 and torch.equal(seq, manual)
 
 
 def test_assemble_rebuilds_the_shipped_pipeline(tmp_path, hf_offline):
