@@ -113,6 +113,10 @@ class Pipeline:
 
     def save_pretrained(self, folder, dtype=None):
         """Write the pipeline folder; ``dtype=torch.float16`` halves the size of the weights on disk."""
+        if 'text_encoder' not in self.specs:        # a folder that could not be loaded again: refuse now
+            raise ValueError("this pipeline does not say how to load its text encoder again: pass "
+                             "specs={'text_encoder': {'type': 'minilm'}} (or 'byt5' with a 'path') to Pipeline(), "
+                             "or build it with Pipeline.assemble / from_pretrained / v3")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name, model in (('generator', self.generator), ('vqgan', self.vqgan), ('prior', self.prior)):

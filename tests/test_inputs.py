@@ -222,7 +222,12 @@ def test_serve_and_library_share_the_sentences():
 
 
 def test_json_roundtrip_of_a_saved_pipeline_still_loads(pipe, tmp_path):
-    """The checks of pipeline.json accept what save_pretrained writes."""
+    """The checks of pipeline.json accept what save_pretrained writes; a pipeline built by hand without the
+    text encoder's spec is refused at save time (its folder could not be loaded)."""
     pipe.save_pretrained(tmp_path)
     json.loads((tmp_path / 'pipeline.json').read_text())
     assert Pipeline.from_pretrained(tmp_path).settings == pipe.settings
+    by_hand = Pipeline(pipe.generator, pipe.vqgan, pipe.text_encoder, settings=pipe.settings)
+    with pytest.raises(ValueError, match='does not say how to load its text encoder'):
+        by_hand.save_pretrained(tmp_path / 'by-hand')
+    assert not (tmp_path / 'by-hand').exists()
