@@ -150,11 +150,11 @@ def overrides(values, settings_type):
     return values
 
 
-def canvas(size, multiple, caps, name='size'):
-    """(width, height) in pixels: whole numbers from ``multiple`` to ``caps.side``."""
+def canvas(size, caps, name='size'):
+    """(width, height) in pixels: whole numbers from 1 to ``caps.side``."""
     if not (isinstance(size, (tuple, list)) and len(size) == 2):
         raise TypeError(f"{name} must be (width, height) in pixels, got {short(size)}")
-    return tuple(integer(v, f'{name} {side}', multiple, caps.side) for v, side in zip(size, ('width', 'height')))
+    return tuple(integer(v, f'{name} {side}', 1, caps.side) for v, side in zip(size, ('width', 'height')))
 
 
 def device(value):

@@ -78,13 +78,13 @@ def pixel_to_token_mask(mask, f, dilate=0):
 def canvas_size(size, image, m, caps):
     """The outpainting canvas (W, H): ``size`` checked against the ``image`` size (w, h) and the ``caps``,
     and rounded up to multiples of ``m``, with a warning."""
-    cw, ch = checks.canvas(size, 1, caps)
+    cw, ch = checks.canvas(size, caps)
     w, h = image
     if cw < w or ch < h:
         raise ValueError(f"the canvas {cw}x{ch} is smaller than the image {w}x{h}")
     if cw % m or ch % m:
         cw, ch = -(-cw // m) * m, -(-ch // m) * m
-        checks.canvas((cw, ch), 1, caps)
+        checks.canvas((cw, ch), caps)
         warnings.warn(f"canvas rounded up to {cw}x{ch}: sides must be multiples of {m} for this model")
     return cw, ch
 
@@ -161,7 +161,7 @@ def region_weights(regions, size, background, m, f, caps):
         raise ValueError("each region must be a pair (prompt, box or mask)")
     for p in [r[0] for r in regions] + [background]:
         checks.text(p, 'a region prompt', caps.prompt)
-    size = checks.canvas(size, 1, caps)
+    size = checks.canvas(size, caps)
     if size[0] % m or size[1] % m:
         raise ValueError(f"size must be (width, height) with multiples of {m}, got {size!r}")
     masks = [region_mask(box, size, caps) for _, box in regions]
@@ -216,14 +216,8 @@ def inpaint(pipe, image, mask, prompt, dilate=0, keep_pixels=True, o=Options()):
     init = pipe.encode_images(images)                                               # (B, h, w)
     token_mask = torch.stack([pixel_to_token_mask(m, f, dilate) for m in masks]).to(init.device)
     tokens = pipe.run(prompts, o, init_x=init, mask=token_mask)
-    if o.output == 'tokens':
-        return tokens
-    out = [r.resize(im.size, Image.BICUBIC) for r, im in zip(pipe.decode(tokens), originals)]
-    for i, (im, m) in enumerate(zip(originals, originals_masks) if keep_pixels else ()):
-        pixels = np.asarray(out[i]).copy()                                          # (H, W, 3)
-        pixels[~m] = np.asarray(im)[~m]
-        out[i] = Image.fromarray(pixels)
-    return out
+    paste = [(im, ~m, (0, 0)) for im, m in zip(originals, originals_masks)] if keep_pixels else None
+    return pipe.decode(tokens, o.output, paste, sizes=[im.size for im in originals])
 
 
 def outpaint(pipe, image, prompt, size, position='center', keep_pixels=True, o=Options()):

@@ -213,7 +213,7 @@ class Pipeline:
         # (B, H, W): the initial tokens' shape, or one grid per row of the unconditional branch
         shape = tuple(init_x.shape) if init_x is not None else (len(uncond['byt5']), *s.latent_size)
         checks.count(shape[0], 'the number of images', self.caps.images)
-        checks.canvas([v * self.vqgan.downsampling for v in shape[:0:-1]], 1, self.caps, 'canvas')
+        checks.canvas([v * self.vqgan.downsampling for v in shape[:0:-1]], self.caps, 'canvas')
         tokens = sample(model or self.runner, cond, shape, uncond, steps=s.steps, renoise_steps=s.renoise_steps,
                         temperature=s.temperature, cfg=s.cfg, t_start=t_start,
                         sampling_conditional_steps=s.sampling_conditional_steps,
@@ -240,14 +240,17 @@ class Pipeline:
         with torch.no_grad():
             return self.vqgan.encode_indices(x.to(next(self.vqgan.parameters()).dtype))
 
-    def decode(self, tokens, output='pil', paste=None):
-        """PIL images of token grids (B, H, W) (``output='tokens'``: the grids themselves). ``paste``: one
-        (image, keep (h, w) bool, (x, y)) per result, whose kept pixels go back in at (x, y)."""
+    def decode(self, tokens, output='pil', paste=None, sizes=None):
+        """PIL images of token grids (B, H, W) (``output='tokens'``: the grids themselves), each resized to
+        ``sizes[i]`` (W, H) if given. ``paste``: one (image, keep (h, w) bool, (x, y)) per result, whose kept
+        pixels go back in at (x, y)."""
         if output == 'tokens':
             return tokens
         if output != 'pil':
             raise ValueError(f"output must be 'pil' or 'tokens', got {output!r}")
         images = tokens_to_images(self.vqgan, tokens)
+        for i, size in enumerate(sizes or ()):
+            images[i] = images[i].resize(size, Image.BICUBIC)    # a copy where the size is already right
         for i, (original, keep, (x, y)) in enumerate(paste or ()):
             canvas = np.asarray(images[i]).copy()                                  # (H, W, 3)
             src = np.asarray(original)                                             # (h, w, 3)

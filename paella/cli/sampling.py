@@ -114,7 +114,7 @@ def check_sampling(p, args):
         if mode == 'inpaint':
             args.dilate = checks.integer(args.dilate, 'dilate', 0, caps.side)
         if mode in ('outpaint', 'regional') and args.size is not None:
-            checks.canvas(args.size, 1, caps)
+            checks.canvas(args.size, caps)
         if mode == 'regional':
             checks.count(len(args.region), 'the number of regions', caps.regions)
             args.num_images = checks.count(args.num_images, 'num_images', caps.images)

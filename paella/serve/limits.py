@@ -76,7 +76,7 @@ class Fields:
 
     def sampling(self, p):
         """The fields every mode takes (seed, steps, cfg, negative_prompt) -> pipeline keyword arguments."""
-        out = {'seed': p.get('seed') if p.get('seed') is None else _request(checks.seed, p.get('seed')),
+        out = {'seed': _request(checks.seed, p.get('seed')),                 # None: a random seed
                'negative_prompt': self.prompt(p.get('negative_prompt'), 'negative_prompt', required=False)}
         for key, value in (('steps', self.integer(p.get('steps'), 'steps', 1, self.limits.max_steps)),
                            ('cfg', None if p.get('cfg') is None else self.cfg(p.get('cfg')))):
