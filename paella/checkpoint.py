@@ -66,12 +66,17 @@ def read_state_dict(path):
     return obj, None
 
 
-def refusal(path, error):
-    """Why torch.load(weights_only=True) refused a file, without PyTorch's advice to retry unsafely."""
+def pickled_objects(error):
+    """What torch.load(weights_only=True) refused, named from its error ('Python objects (io.open)'),
+    without PyTorch's advice to retry unsafely."""
     found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(error))
-    what = f"Python objects ({found.group(1)})" if found else "Python objects"
-    return (f"{path} holds {what} besides tensors: it is a pickle, and paella reads weights only (a pickle "
-            f"can run any code). Save the model's state_dict() from the code that made it, or use "
+    return f"Python objects ({found.group(1)})" if found else "Python objects"
+
+
+def refusal(path, error):
+    """Why torch.load(weights_only=True) refused a file, and what to do instead."""
+    return (f"{path} holds {pickled_objects(error)} besides tensors: it is a pickle, and paella reads weights "
+            f"only (a pickle can run any code). Save the model's state_dict() from the code that made it, or use "
             f"safetensors")
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, pickled_objects
 
 # What a training checkpoint holds (`save`); a file without them is someone else's (a published .pt).
 KEYS = ('step', 'model', 'optimizer', 'scheduler', 'scaler', 'task', 'rng')
@@ -28,8 +28,8 @@ def read_checkpoint(path):
     try:
         ck = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:      # objects the weights-only loader refuses: never run them
-        raise ValueError(f"{path} is not a paella training checkpoint (it holds pickled objects: "
-                         f"{str(e).splitlines()[-1][:120]}); move it out of {path.parent}") from None
+        raise ValueError(f"{path} is not a paella training checkpoint (it holds {pickled_objects(e)}, which "
+                         f"are never unpickled); move it out of {path.parent}") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile):
         return None
     missing = [k for k in KEYS if not isinstance(ck, dict) or k not in ck]
