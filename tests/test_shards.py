@@ -210,7 +210,7 @@ def test_preencode_shards_by_two_processes_resumes_and_trains_like_the_file(tmp_
         assert torch.equal(stream.extras[k], rows.extras[k]), k
     cfg = config('generator', tmp_path, data=str(tmp_path / 'pre.safetensors'), p_drop_clip_image=0.0)
     task = GeneratorTask(cfg, torch.device('cpu'))
-    loss = lambda batch: task.loss(task.model, batch, Slice(0, 8, 8, torch.Generator().manual_seed(0)))[0]
+    loss = lambda batch: task.loss(task.model, batch, Slice(range(8), 8, torch.Generator().manual_seed(0)))[0]
     assert torch.equal(loss(a), loss(b))
     # The shards themselves: no text encoder loaded, the empty prompt as stored, the VQGAN the shards name.
     shards = config('generator', tmp_path, data=str(out / '{00000..00003}.tar'), p_drop_clip_image=0.0,

@@ -339,7 +339,7 @@ def vq_losses(tmp_path, x, **weights):
         task = VQTask(config('vqgan', tmp_path, data=str(folder), image_size=32, **{name: w}), torch.device('cpu'))
         state = state or task.model.state_dict()
         task.model.load_state_dict(state)
-        out[w] = task, task.loss(task.model, {'image': x}, Slice(0, 2, 2, torch.Generator()))[0]
+        out[w] = task, task.loss(task.model, {'image': x}, Slice(range(2), 2, torch.Generator()))[0]
     return out
 
 

@@ -11,6 +11,11 @@ half-batch matmuls and the gradient all-reduce round differently, and Adam carri
 the CPU, tiny generator, 6 steps at lr 1e-3, 2 processes vs 1: max weight difference 6.2e-3, median
 5e-5, 26% of the values beyond 1e-4; tiny VQGAN, 4 steps: weights up to 5e-3 apart, and 56 of 64 codebook
 rows, because bf16 flips some nearest-code choices, so other codes are dead at the restart).
+
+Bad samples change none of this: a good sample keeps its global position's draws, the loss is the mean
+over the good samples of every process, and a process whose share of a micro-batch is all bad runs a
+placeholder weighted 0 (`borrow`), so that every process meets every collective, in the same order
+(tested: 2 processes vs 1 with micro-batches good on one process and bad on the other).
 """
 import os
 from contextlib import contextmanager
@@ -43,19 +48,21 @@ def seed_of(*parts):
 
 
 class Slice:
-    """This rank's rows [lo, lo + n) of the global micro-batch of size total."""
+    """This rank's rows of the global micro-batch of size total: its good samples, at global positions
+    ``rows`` (so a sample's draws do not depend on which others were bad). ``real`` is False for a
+    placeholder (`borrow`): a sample run only to take part in the collectives, weighted 0."""
 
-    def __init__(self, lo, n, total, gen):
-        self.lo, self.n, self.total, self.gen = lo, n, total, gen
+    def __init__(self, rows, total, gen, real=True):
+        self.rows, self.total, self.gen, self.real = torch.tensor(list(rows), dtype=torch.long), total, gen, real
 
     def rand(self, *shape):
-        return torch.rand(self.total, *shape, generator=self.gen)[self.lo:self.lo + self.n]
+        return torch.rand(self.total, *shape, generator=self.gen)[self.rows]
 
     def randint(self, high, *shape):
-        return torch.randint(0, high, (self.total, *shape), generator=self.gen)[self.lo:self.lo + self.n]
+        return torch.randint(0, high, (self.total, *shape), generator=self.gen)[self.rows]
 
     def randn(self, *shape):
-        return torch.randn(self.total, *shape, generator=self.gen)[self.lo:self.lo + self.n]
+        return torch.randn(self.total, *shape, generator=self.gen)[self.rows]
 
     def coin(self, p):
         """One draw shared by the whole global batch (the published per-batch conditioning dropout)."""
@@ -81,16 +88,16 @@ def fmix32(h):
 
 
 class SampleDropout:
-    """`blocks.mask_source` for one micro-batch's forward: element e of sample i (global position lo + i)
-    in the c-th dropout call is kept where hash(seed, lo + i, c, e) / 2^32 >= p. The masks depend on the
+    """`blocks.mask_source` for one micro-batch's forward: element e of sample i (global position rows[i])
+    in the c-th dropout call is kept where hash(seed, rows[i], c, e) / 2^32 >= p. The masks depend on the
     global position alone, not on how the batch is split, and need no generator state. One object for the
     whole run (`reset` per micro-batch), so a compiled model sees the same callable every step."""
 
     def __init__(self):
         self.keys, self.calls = None, 0
 
-    def reset(self, seed, lo, n, device):
-        keys = [seed_of(seed, lo + i) & MASK32 for i in range(n)]
+    def reset(self, seed, rows, device):
+        keys = [seed_of(seed, int(r)) & MASK32 for r in rows]
         self.keys = torch.tensor(keys, dtype=torch.int64, device=device)      # (n,)
         self.calls = 0
 
@@ -104,34 +111,40 @@ class SampleDropout:
 
 
 MASKS = SampleDropout()
+REAL = True         # False while a placeholder runs: `GlobalBatchNorm` counts none of its rows
 
 
 @contextmanager
-def sample_dropout(seed, lo, n, device):
-    """The model's dropout inside this block draws `SampleDropout` masks for global positions lo..lo+n."""
-    MASKS.reset(seed, lo, n, device)
-    blocks.mask_source = MASKS
+def micro_batch(seed, s, device):
+    """The forward of the micro-batch of Slice s: the model's dropout draws `SampleDropout` masks for its
+    global positions, and the batch norm weights its rows 0 where it is a placeholder."""
+    global REAL
+    MASKS.reset(seed, s.rows, device)
+    blocks.mask_source, REAL = MASKS, s.real
     try:
         yield
     finally:
-        blocks.mask_source = None
+        blocks.mask_source, REAL = None, True
 
 
 class GlobalBatchNorm(torch.nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are over every process's batch (all-reduced sums, with
     gradients flowing back to every process): SyncBatchNorm's semantics, also on the CPU (gloo), where
-    torch's SyncBatchNorm refuses to run. Same parameters and buffers as BatchNorm2d."""
+    torch's SyncBatchNorm refuses to run. Same parameters and buffers as BatchNorm2d. A placeholder's rows
+    (`REAL` False: a process with no good sample) add 0 to the sums and the count, yet take part in every
+    all-reduce, forward and backward; a process's rows are all real or all placeholder."""
 
     def forward(self, x):                                             # x (B, C, H, W)
         if not (self.training and dist.is_initialized()):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
-        count = torch.tensor([x.numel() // x.shape[1]], device=x.device, dtype=torch.float64)
+        w = 1.0 if REAL else 0.0                                          # x * 1.0 is exactly x
+        count = torch.tensor([x.numel() // x.shape[1] * w], device=x.device, dtype=torch.float64)
         dist.all_reduce(count)
-        n = count.item()
-        mean = all_reduce(x.float().sum((0, 2, 3))) / n                   # (C,)
+        n = count.item()                                                  # > 0: some process has a sample
+        mean = all_reduce(x.float().sum((0, 2, 3)) * w) / n               # (C,)
         d = x.float() - mean[None, :, None, None]
-        var = all_reduce(d.square().sum((0, 2, 3))) / n                   # biased, as used to normalise
+        var = all_reduce(d.square().sum((0, 2, 3)) * w) / n               # biased, as used to normalise
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             self.running_mean.lerp_(mean.detach(), self.momentum)
@@ -161,26 +174,32 @@ def gather_rows(x):
     return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
 
 
-def gather_lists(items):
-    """Every process's list, concatenated in rank order (bad samples: rank 0 names them all)."""
+def gather_objects(obj):
+    """[every process's obj] in rank order (one small collective; [obj] with one process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return items
+        return [obj]
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, list(items))
-    return [item for part in parts for item in part]
+    dist.all_gather_object(parts, obj)
+    return parts
 
 
-def gather_sums(n, sums):
-    """(samples, {metric: sum over samples}) added over every process (one small collective)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return n, sums
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (n, sums))
+def gather_sums(sums):
+    """{metric: sum over samples} added over every process (one small collective)."""
     total = {}
-    for _, s in parts:
-        for k, v in s.items():
+    for part in gather_objects(sums):
+        for k, v in part.items():
             total[k] = total.get(k, 0.0) + v
-    return sum(p[0] for p in parts), total
+    return total
+
+
+def borrow(batch, counts):
+    """This process's micro-batch, or, where it has no good sample (counts: every process's), a placeholder:
+    the first good sample of the first process that has one, of the right kind and shape for any recipe.
+    A collective: every process calls it where some has none."""
+    src = next(r for r, c in enumerate(counts) if c)
+    box = [{k: v[:1] for k, v in batch.items()} if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return batch if counts[dist.get_rank()] else box[0]
 
 
 def wrap(model, device, world, fsdp, compile):

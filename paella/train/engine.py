@@ -85,6 +85,13 @@ def load(run, ck, path):
             state.export_if_stale(run, ck)
 
 
+def collate_rows(samples):
+    """`collate`, and the places of the good samples in this rank's share of the micro-batch: their random
+    draws and dropout masks are those of their global position, whichever others were bad."""
+    batch, bad = collate(samples)
+    return batch, bad, [i for i, s in enumerate(samples) if 'skip' not in s]
+
+
 def batches(run):
     """Micro-batches of this rank: a pure function of (seed, position) for map-style data, so a resumed
     run reads exactly what an uninterrupted one would; a resampled shard stream resumes with fresh draws."""
@@ -93,12 +100,12 @@ def batches(run):
     if isinstance(dataset, torch.utils.data.IterableDataset):
         if hasattr(dataset, 'resume'):          # a resumed run draws a stream of its own, seeded by its step
             dataset.resume(run.step)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=micro_global // run.world, collate_fn=collate,
+        loader = torch.utils.data.DataLoader(dataset, batch_size=micro_global // run.world, collate_fn=collate_rows,
                                              num_workers=cfg.num_workers)
     else:
         sampler = StepSampler(len(dataset), micro_global, run.rank, run.world, cfg.seed,
                               run.step * cfg.grad_accum + run.data_skips)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_rows,
                                              num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
     return iter(loader)
 
@@ -140,40 +147,46 @@ def loop(run):
 
 def one_step(run):
     """One optimizer step over cfg.grad_accum micro-batches. Returns its metrics, means over the good
-    samples of the global batch (every process's), or None where there was none (then nothing changes)."""
-    cfg, model, rank = run.cfg, run.model, run.rank
+    samples of the global batch (every process's), or None where there was none (then nothing changes).
+
+    Every process runs every micro-batch that has a good sample on any process, so that all of them meet in
+    each collective (the batch norm's, DDP's or FSDP's gradient reduction) in the same order: one with none
+    of its own runs a placeholder (`distributed.borrow`) whose loss is weighted 0. The loss is the mean over
+    the step's good samples, wherever they are: N processes compute what one does."""
+    cfg, model, rank, world = run.cfg, run.model, run.rank, run.world
     step, micro_global = run.step, cfg.batch_size // cfg.grad_accum
     torch.manual_seed(distributed.seed_of(cfg.seed, step, rank, 1))   # the model's draws come from below
     autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16 if cfg.precision == 'bf16' else torch.float16)
                 if cfg.precision != 'fp32' else nullcontext())
-    n_step, sums = 0, {}
-    for micro in range(cfg.grad_accum):
-        batch, bad = next(run.data)
-        note_skipped(run, step, bad)
-        n = len(next(iter(batch.values()))) if batch else 0
-        lo = rank * (micro_global // run.world)                      # this rank's first global position
-        s = distributed.Slice(lo, n, micro_global,
-                              torch.Generator().manual_seed(distributed.seed_of(cfg.seed, step, micro)))
-        last = micro == cfg.grad_accum - 1
+    micros = [next(run.data) for _ in range(cfg.grad_accum)]          # (batch, bad, good rows) of each
+    # every process's (good-sample count, bad samples) of each micro-batch: one collective a step
+    shared = distributed.gather_objects([(len(rows), bad) for _, bad, rows in micros])    # [rank][micro]
+    note_skipped(run, step, [b for m in range(cfg.grad_accum) for part in shared for b in part[m][1]])
+    counts = [[part[m][0] for part in shared] for m in range(cfg.grad_accum)]          # [micro][rank]
+    total = sum(map(sum, counts))                                    # good samples of the global batch
+    live = [m for m, c in enumerate(counts) if sum(c)]               # micro-batches with one somewhere
+    run.seen += total
+    if not total:             # no good sample anywhere: nothing learnt (every process agrees)
+        return None
+    sums, lo = {}, rank * (micro_global // world)                    # lo: this rank's first global position
+    for m in live:
+        (batch, _, rows), n, last = micros[m], len(micros[m][2]), m == live[-1]
+        gen = torch.Generator().manual_seed(distributed.seed_of(cfg.seed, step, m))
+        s = distributed.Slice([lo + i for i in rows] or [lo], micro_global, gen, real=n > 0)
+        if 0 in counts[m]:    # some process has no good sample here: it runs a placeholder
+            batch = distributed.borrow(batch, counts[m])
         if run.fsdp:
             model.set_requires_gradient_sync(last)
-        # gradients are all-reduced once per step, on the last micro-batch
-        with nullcontext() if run.world == 1 or run.fsdp or last else run.wrapped.no_sync():
-            if n:
-                with autocast, distributed.sample_dropout(distributed.seed_of(cfg.seed, step, micro, 2), lo, n,
-                                                          run.device):
-                    loss, metrics = run.task.loss(run.wrapped, batch, s)
-            else:       # every sample of this slice was bad: join the gradient all-reduce with zeros
-                loss, metrics = sum(p.sum() for p in model.parameters()) * 0.0, {}
-            run.scaler.scale(loss / cfg.grad_accum).backward()
-        n_step += n
+        # gradients are all-reduced once per step, on the last micro-batch that runs
+        with nullcontext() if world == 1 or run.fsdp or last else run.wrapped.no_sync():
+            with autocast, distributed.micro_batch(distributed.seed_of(cfg.seed, step, m, 2), s, run.device):
+                loss, metrics = run.task.loss(run.wrapped, batch, s)
+            # loss: the mean over this rank's n samples; scaled to its share of the mean over the step's
+            # total (the gradient reduction averages the world's processes); a placeholder's: exactly 0
+            run.scaler.scale(loss / (total / (n * world)) if n else loss * 0.0).backward()
         for k, v in ({'loss': loss.item(), **metrics}.items() if n else ()):
             sums[k] = sums.get(k, 0.0) + v * n
-    n_step, sums = distributed.gather_sums(n_step, sums)             # the logged loss is the global batch's
-    run.seen += n_step
-    if not n_step:
-        run.opt.zero_grad(set_to_none=True)
-        return None
+    sums = distributed.gather_sums(sums)                             # the logged loss is the global batch's
     run.scaler.unscale_(run.opt)                  # clip the true gradients, not the fp16-scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm
@@ -181,13 +194,12 @@ def one_step(run):
     run.scaler.update()
     run.sched.step()
     run.opt.zero_grad(set_to_none=True)
-    return {**{k: v / n_step for k, v in sums.items()}, 'grad_norm': float(grad_norm)}
+    return {**{k: v / total for k, v in sums.items()}, 'grad_norm': float(grad_norm)}
 
 
 def note_skipped(run, step, bad):
-    """Bad samples never stop a run: rank 0 lists every process's in skipped.log (a collective: every rank
-    calls it at each micro-batch); unreadable captions are kept."""
-    bad = distributed.gather_lists(bad)
+    """Bad samples never stop a run: rank 0 lists every process's (``bad``, gathered) in skipped.log;
+    unreadable captions are kept."""
     if bad and run.rank == 0:
         with open(run.out / 'skipped.log', 'a') as f:
             f.writelines(f'step {step}: {name}: {why}\n' for name, why in bad)

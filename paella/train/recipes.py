@@ -139,7 +139,7 @@ class GeneratorTask(Task):
             else:
                 tokens = self.vqgan.encode_indices(batch['image'].to(self.device)).cpu()
                 text = self.cache.text(self.encoder, batch['caption']).states
-            if self.preview is None and cfg.sample_every:
+            if self.preview is None and cfg.sample_every and s.real:
                 self.preview = tokens[:8].clone(), text[:8].clone()                # (n, h, w), (n, L, D)
             u = self.uncond.float()[:, :text.shape[1]]                            # (1, L', D), L' <= L
             u = F.pad(u, (0, 0, 0, text.shape[1] - u.shape[1]))                    # (1, L, D)
@@ -238,9 +238,12 @@ class VQTask(Task):
             # the codebook loss moves the codes toward the encoder's outputs; the commitment loss (weighted)
             # moves the encoder's outputs toward their codes
             loss = codebook + self.cfg.commit_weight * commitment
-            counts = torch.bincount(idx.flatten().cpu(), minlength=self.usage.numel())
+            counts = torch.bincount(idx.flatten().cpu(), minlength=self.usage.numel())          # (K,)
+            latents = (latent * self.model.scale_factor).detach().permute(0, 2, 3, 1).reshape(-1, latent.shape[1])
+            if not s.real:    # a placeholder (run to join the collectives alone) uses no code, offers no latent
+                counts, latents = counts * 0, latents[:0]
             self.usage += counts
-            self.latents = (latent * self.model.scale_factor).detach().permute(0, 2, 3, 1).reshape(-1, latent.shape[1])
+            self.latents = latents            # (b h w, c_latent): the candidates of a dead-code restart
             p = counts.float() / counts.sum()
             metrics = {'used': int((counts > 0).sum()),
                        'perplexity': float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))}
@@ -258,10 +261,9 @@ class VQTask(Task):
             dist.all_reduce(usage)
         codebook = model.vquantizer.codebook.weight
         dead = (usage == 0).nonzero()[:, 0]
-        # every process's latents (N, c_latent) of the last micro-batch, in the global batch's order (the
-        # same on all of them, a collective: called with none where a process had no good sample)
-        latents = None if not len(dead) else gather_rows(
-            self.latents if self.latents is not None else codebook.new_zeros(0, codebook.shape[1]))
+        # every process's latents (N, c_latent) of the last micro-batch that ran, in the global batch's order
+        # (the same on all of them; a collective)
+        latents = None if not len(dead) else gather_rows(self.latents)
         if latents is not None and len(latents):
             # Restart each dead code at an encoder output of this batch, picked by the step's seed.
             g = torch.Generator().manual_seed(seed_of(self.cfg.seed, step, 7))
