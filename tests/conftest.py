@@ -78,6 +78,15 @@ def conds(paella_fixture):
 
 
 @pytest.fixture(scope='session')
+def official_files(tmp_path_factory):
+    """The fixtures' published tiny models saved like the official .pt files (bare state dicts)."""
+    folder = tmp_path_factory.mktemp('official')
+    for name, file in [('paella_tiny', 'paella_v3.pt'), ('vqgan_f4_tiny', 'vqgan_f4.pt'), ('prior_tiny', 'prior_v1.pt')]:
+        torch.save(load_fixture(name)[0], folder / file)
+    return folder
+
+
+@pytest.fixture(scope='session')
 def hf_offline():
     """Tests that touch transformers must never reach the network."""
     old = os.environ.get('HF_HUB_OFFLINE')

@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from paella.conditioning import EmbeddingCache, byt5_encoder, clip_encoder, clip_preprocess, collate
+from paella.cache import EmbeddingCache, collate
+from paella.conditioning import byt5_encoder, clip_encoder, clip_preprocess
 from paella.model import text_pool
 
 PROMPTS = ['a red apple', 'grinning face with big eyes', 'x']

@@ -7,18 +7,8 @@ import pytest
 import torch
 
 from paella.pipeline import Pipeline, Settings, v3_attn_weights
-from conftest import load_fixture
 
 FAST = dict(latent_size=(16, 16), steps=4, renoise_steps=3, sampling_conditional_steps=2, prior_steps=3)
-
-
-@pytest.fixture(scope='module')
-def official_files(tmp_path_factory):
-    """The fixtures' published tiny models saved like the official .pt files (bare state dicts)."""
-    folder = tmp_path_factory.mktemp('official')
-    for name, file in [('paella_tiny', 'paella_v3.pt'), ('vqgan_f4_tiny', 'vqgan_f4.pt'), ('prior_tiny', 'prior_v1.pt')]:
-        torch.save(load_fixture(name)[0], folder / file)
-    return folder
 
 
 @pytest.fixture
@@ -86,7 +76,7 @@ def test_pipeline_bad_input(pipe):
         pipe('a', stepz=3)
 
 
-def test_cli_convert_v3_and_generate(official_files, tiny_t5_dir, tiny_clip_dir, tmp_path, capsys):
+def test_cli_convert_v3_and_generate(official_files, tiny_t5_dir, tiny_clip_dir, tmp_path, capsys, monkeypatch):
     from PIL import Image
     from paella.cli import main
     f = official_files
@@ -108,8 +98,15 @@ def test_cli_convert_v3_and_generate(official_files, tiny_t5_dir, tiny_clip_dir,
                  '--num-images', '2', '-o', str(tmp_path / 'out.png'), '--grid']) == 0
     assert Image.open(tmp_path / 'out.png').size == (4 * 64, 64)
     assert main(['generate', 'a red apple', '--model', str(tmp_path / 'v3'), '--seed', '1', '--steps', '2',
-                 '-o', str(tmp_path / 'one.png')]) == 0
+                 '-o', str(tmp_path / 'one.png'), '--keep-encoders', '--dtype', 'fp32']) == 0
     assert Image.open(tmp_path / 'one.png').size == (64, 64)
+    # Low memory: the same image (float32), the embeddings left in $PAELLA_CACHE.
+    monkeypatch.setenv('PAELLA_CACHE', str(tmp_path / 'cache'))
+    assert main(['generate', 'a red apple', '--model', str(tmp_path / 'v3'), '--seed', '1', '--steps', '2',
+                 '-o', str(tmp_path / 'low.png'), '--low-memory', '--dtype', 'fp32']) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / 'low.png')), np.asarray(Image.open(tmp_path / 'one.png')))
+    assert len(list((tmp_path / 'cache').rglob('*.safetensors'))) == 2 + 2      # ByT5 and CLIP: prompt and ''
+    assert main(['generate', 'x', '--low-memory', '--keep-encoders']) == 2
     assert main(['generate', 'x', '--model', str(tmp_path / 'nope')]) == 2
     assert 'not a pipeline folder' in capsys.readouterr().err
 

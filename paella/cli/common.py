@@ -5,9 +5,18 @@ import sys
 from .. import checks
 
 
+def memory_args(p):
+    """--low-memory / --keep-encoders: `Pipeline.from_pretrained`'s low_memory (default: by the RAM there is)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument('--low-memory', action='store_true', help='one large model in memory at a time: encoders '
+                   'read for each prompt, embeddings cached on disk (default where RAM is short)')
+    g.add_argument('--keep-encoders', action='store_true', help='load every model at once and keep it')
+
+
 def load_pipeline(args, **kwargs):
     from ..pipeline import Pipeline
-    return Pipeline.from_pretrained(args.model, device=args.device, **kwargs)
+    low = True if getattr(args, 'low_memory', False) else False if getattr(args, 'keep_encoders', False) else None
+    return Pipeline.from_pretrained(args.model, device=args.device, low_memory=low, **kwargs)
 
 
 def print_skipped(skipped):

@@ -58,9 +58,10 @@ def cmd_convert_v3(args):
     import torch
     from ..pipeline import Pipeline
     # float32, the official weights as they are: bfloat16 is a choice made when loading, on the machine
-    # that runs it (Pipeline.from_pretrained's dtype), not one baked into the folder.
+    # that runs it (Pipeline.from_pretrained's dtype), not one baked into the folder. Low memory: the
+    # encoders are only checked (ByT5's embedding, CLIP's config), and the prior is read when it is saved.
     pipe = Pipeline.v3(args.paella, args.vqgan, args.prior, byt5=args.byt5, clip=args.clip, preset=args.preset,
-                       dtype=torch.float32)
+                       dtype=torch.float32, low_memory=True, cache=False)
     print(f"wrote the Paella v3 pipeline to {pipe.save_pretrained(args.out)}/")
 
 

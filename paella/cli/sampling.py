@@ -3,7 +3,8 @@ import argparse
 import sys
 
 from .. import checks, flags
-from .common import Cfg, box_or_mask, load_pipeline, number, overrides, parse_size, position, progress
+from .common import (Cfg, box_or_mask, load_pipeline, memory_args, number, overrides, parse_size, position,
+                     progress)
 
 
 def sampling_args(p, output, seed=None):
@@ -17,6 +18,7 @@ def sampling_args(p, output, seed=None):
     p.add_argument('--negative-prompt', default='', help='what the image should not be')
     p.add_argument('--grid', action='store_true', help='save all images as one grid')
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
+    memory_args(p)
 
 
 def parse_generate(p):
@@ -166,6 +168,7 @@ def parse_serve(p):
                    help='host names clients may use besides loopback ones (the name a proxy forwards; * for any)')
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
     p.add_argument('--api-only', action='store_true', help='the /v1 HTTP API without the web app')
+    memory_args(p)
     flags.add_config(p, Limits)
 
 

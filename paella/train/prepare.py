@@ -44,7 +44,7 @@ def preencode(folder, out, vqgan, text_encoder=None, clip=None, image_size=64, b
     ``_uncond_clip`` for the empty prompt. Captions, file names and skipped files go in the metadata.
     Returns (number written, list of (name, reason) skipped).
     """
-    from ..conditioning import collate as pad_states
+    from ..cache import collate as pad_states
     rows = {k: [] for k in ('tokens', 'text', 'clip_text', 'clip_image')}
     captions, names, skipped = [], [], []
     for batch in batches_of(folder, image_size, batch_size, skipped):

@@ -100,7 +100,8 @@ class GeneratorTask(Task):
     """Paella's recipe: frozen-VQGAN tokens, t ~ U(0, 1], random-token replacement, weighted cross-entropy."""
 
     def __init__(self, cfg, device):
-        from ..conditioning import EmbeddingCache, load_text_encoder
+        from ..cache import EmbeddingCache
+        from ..conditioning import load_text_encoder
         self.cfg, self.device = cfg, device
         file = Path(cfg.data).suffix == '.safetensors'
         if file or (is_shards(cfg.data) and preencoded_extras(cfg.data)[1]):    # paella preencode's output
