@@ -25,6 +25,7 @@ class Caps:
 
 
 SEED_MAX = 2 ** 63 - 1      # torch takes 64 bits; JSON clients (and the server) stop at signed 64
+RENOISE_RULES = ('random', 'confidence', 'halton')   # paella.renoise.RULES (this module imports no torch)
 
 
 def is_number(value):
@@ -135,6 +136,7 @@ def settings(s, caps, pixels_per_token=1):
                                             0, caps.steps),
         sampling_quant_steps=optional(integer, s.sampling_quant_steps, 'sampling_quant_steps', 0, caps.steps),
         mode=choice(s.mode, 'mode', ('multinomial', 'cdf', 'argmax', 'quant')),
+        renoise_rule=choice(s.renoise_rule, 'renoise_rule', RENOISE_RULES),
         prior_sampler=choice(s.prior_sampler, 'prior_sampler', ('ddpm', 'ddim')),
         prior_steps=integer(s.prior_steps, 'prior_steps', 1, caps.steps),
         **{name: optional(number, getattr(s, name), name, 0, 100)

@@ -199,6 +199,7 @@ class Pipeline:
                         sampling_conditional_steps=s.sampling_conditional_steps,
                         sampling_quant_steps=s.sampling_quant_steps, init_x=init_x, mask=mask,
                         mode=s.mode, codebook=self.vqgan.vquantizer.codebook.weight, attn_weights=attn,
+                        renoise_rule=s.renoise_rule,
                         generator=generator, callback=o.callback, batch_cfg=s.batch_cfg, cache=s.cache)
         if timings is not None:
             timings.update(text_encoding=t1 - t0, sampling=time.perf_counter() - t1)

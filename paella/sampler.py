@@ -12,16 +12,19 @@ re-noising mask), so a seeded global RNG reproduces the published samples token 
 
 `sample` is the loop alone. Guidance (cfg schedule, the conditional-steps cutoff, the batched forward, the
 conditioning cache, attention weights) is a model wrapper, `guidance.Guided`; the draw step with its
-filters is `drawer`; every argument is checked first, in `check_arguments`.
+filters is `drawer`; the re-noising step with its rules (which positions go back to noise) is
+`renoise.renoiser`; every argument is checked first, in `check_arguments`.
 """
 import torch
 
 from .guidance import Guided, is_guided, schedule
-from .noise import add_noise, check_token_range
+from .noise import check_token_range
+from .renoise import RULES, renoiser
 from .vq import nearest_code
 
 MODES = ('multinomial', 'cdf', 'argmax', 'quant')
 RENOISE_MODES = ('start', 'prev', 'rand')
+RENOISE_RULES = tuple(RULES)         # which positions are re-noised: paella.renoise
 
 
 def top_k_filter(logits, k):
@@ -68,9 +71,9 @@ def draw_tokens(logits, temperature, mode='multinomial', generator=None, codeboo
 @torch.no_grad()
 def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *, steps=12, renoise_steps=None,
            temperature=(1.0, 0.2), cfg=8.0, t_start=1.0, t_end=0.0, sampling_conditional_steps=None,
-           sampling_quant_steps=None, init_x=None, mask=None, mode='multinomial', renoise_mode='start', typical_mass=None,
-           typical_min_tokens=1, top_k=None, codebook=None, attn_weights=None, generator=None, callback=None,
-           batch_cfg=False, cache=False):
+           sampling_quant_steps=None, init_x=None, mask=None, mode='multinomial', renoise_mode='start',
+           renoise_rule='random', typical_mass=None, typical_min_tokens=1, top_k=None, codebook=None,
+           attn_weights=None, generator=None, callback=None, batch_cfg=False, cache=False):
     """Sample token grids (B, H, W).
 
     model: called as ``model(tokens, t, **inputs)`` -> logits (B, C, H, W); has ``num_labels``.
@@ -87,7 +90,12 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
         positions stay exactly init_x.
     mode: 'multinomial' (the published categorical step), 'cdf' (the same distribution by inverse CDF: one
         random number per position, several times faster), 'argmax', or 'quant' (needs ``codebook`` (K, D)).
-    renoise_mode: re-noise with the initial random tokens ('start', v3), this step's input ('prev'), or
+    renoise_rule: which positions are re-noised after each step (`paella.renoise`): 'random' (published:
+        each with probability t_next), 'confidence' (the round(t_next * H * W) least probable drawn tokens
+        under the step's guided distribution at its temperature) or 'halton' (all but the first
+        (1 - t_next) * H * W positions of a spatially spread Halton order over the grid; the kept set only
+        grows). With a ``mask``, the counts are of the masked positions.
+    renoise_mode: what replaces them: the initial random tokens ('start', v3), this step's input ('prev'), or
         fresh random tokens ('rand').
     typical_mass / typical_min_tokens, top_k: optional filters on the guided logits.
     attn_weights (Lc,): attention reweighting of the last Lc conditioning keys, conditional branch only.
@@ -100,7 +108,7 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
         between two codes, where one token may flip (and the rest of the run follow it).
     """
     latent_shape, mask = check_arguments(model, latent_shape, steps, mode, renoise_mode, codebook, init_x, mask,
-                                         typical_mass, top_k, temperature, cfg, sampling_quant_steps)
+                                         typical_mass, top_k, temperature, cfg, sampling_quant_steps, renoise_rule)
     b, device = latent_shape[0], _device(model_inputs, init_x) or torch.device('cpu')
     guided = Guided(model, model_inputs, unconditional_inputs, cfg=cfg, steps=steps, b=b, attn_weights=attn_weights,
                     conditional_steps=sampling_conditional_steps, batch=batch_cfg, cache=cache, exact=mode != 'cdf')
@@ -109,6 +117,9 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
     renoise_steps = steps - 1 if renoise_steps is None else renoise_steps
 
     init_noise = torch.randint(0, model.num_labels, latent_shape, device=device, generator=generator)
+    # argmax draws read no temperature (it may be 0): confidence then ranks under the logits' own softmax
+    renoise = renoiser(renoise_rule, renoise_mode, schedule(1.0 if mode == 'argmax' else temperature, steps),
+                       init_noise, model.num_labels, mask, generator)
 
     def keep(x):                                       # positions outside the mask stay init_x's
         return x if mask is None else torch.where(mask, x, init_x)
@@ -116,18 +127,19 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
     t_list = torch.linspace(t_start, t_end, steps + 1)
     for i in range(steps):
         t = torch.ones(b, device=device) * t_list[i]
-        prev, x = x, keep(draw(guided(x, t, i), i))
+        logits = guided(x, t, i)                       # (B, C, H, W)
+        prev, x = x, keep(draw(logits, i))
         if callback is not None:
             callback(i, x)
         if i < renoise_steps:
             t_next = torch.ones(b, device=device) * t_list[i + 1]
-            random_x = {'start': init_noise, 'prev': prev, 'rand': None}[renoise_mode]
-            x = keep(add_noise(x, t_next, model.num_labels, random_x=random_x, generator=generator)[0])
+            x = keep(renoise(logits, x, prev, t_next, i))
+        del logits                                     # not held through the next step's forward
     return x
 
 
 def check_arguments(model, latent_shape, steps, mode, renoise_mode, codebook, init_x, mask, typical_mass, top_k,
-                    temperature, cfg, quant_steps=None):
+                    temperature, cfg, quant_steps=None, renoise_rule='random'):
     """ValueError for any argument `sample` cannot take, before any work; (latent_shape, mask as bool)."""
     if latent_shape is None:
         if init_x is None:
@@ -142,6 +154,8 @@ def check_arguments(model, latent_shape, steps, mode, renoise_mode, codebook, in
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if renoise_mode not in RENOISE_MODES:
         raise ValueError(f"renoise_mode must be one of {RENOISE_MODES}, got {renoise_mode!r}")
+    if renoise_rule not in RENOISE_RULES:
+        raise ValueError(f"renoise_rule must be one of {RENOISE_RULES}, got {renoise_rule!r}")
     if (mode == 'quant' or quant_steps is not None) and codebook is None:
         raise ValueError("mode='quant' and sampling_quant_steps need the VQGAN codebook: "
                          "codebook=vq.vquantizer.codebook.weight")

@@ -22,6 +22,7 @@ class Settings:
     sampling_conditional_steps: int | None = None   # guidance for the first N steps only; None: all
     sampling_quant_steps: int | None = None         # 'quant' draws from step N on (the v3 demo's switch)
     mode: str = 'cdf'                               # the published step is 'multinomial' (paella.speed)
+    renoise_rule: str = 'random'                    # which positions are re-noised (paella.renoise); published
     batch_cfg: bool = True                          # one forward for both CFG branches
     cache: bool = True                              # conditioning keys/values computed once per run
     attn_text_weight: float | None = None           # attention reweighting when an image embedding is used

@@ -107,6 +107,13 @@ CASES = [
     ('is a directory', ['generate', 'x', '-o', '{dir}'], None),
     ("dtype must be 'auto'", ['generate', 'x', '--dtype', 'fp8'], None),
     ('expected a number or START END', ['generate', 'x', '--cfg', '3', '1', '2'], None),
+    ("renoise must be one of random, confidence, halton, got 'best'", ['generate', 'x', '--renoise', 'best'], None),
+    ("renoise must be one of random, confidence, halton, got 'Halton'",
+     ['inpaint', '{apple}', '{apple}', 'x', '--renoise', 'Halton'], None),
+    ("renoise_rule must be one of random, confidence, halton, got 'best'",
+     None, ('__call__', ('x',), dict(renoise_rule='best'), ValueError)),
+    ("renoise_rule must be one of random, confidence, halton, got None",
+     None, ('edit', ('{apple}', 'x'), dict(renoise_rule=None), ValueError)),
 ]
 if not torch.cuda.is_available():
     CASES.append(('device cuda: this PyTorch build or machine has no cuda device', ['generate', 'x', '--device', 'cuda'],
@@ -142,6 +149,7 @@ def test_python_api_raises_the_same_sentence(sentence, call, pipe, apple, tmp_pa
     ('{"settings": {}, "text_encoder": {"type": "minilm"}, "extra": 1}', "unknown key(s) ['extra']"),
     ('{"settings": {"stepz": 3}, "text_encoder": {"type": "minilm"}}', "unknown setting 'stepz'"),
     ('{"settings": {"steps": 0}, "text_encoder": {"type": "minilm"}}', 'steps must be between 1 and'),
+    ('{"settings": {"renoise_rule": "best"}, "text_encoder": {"type": "minilm"}}', 'renoise_rule must be one of'),
     ('{"settings": {}, "text_encoder": "minilm"}', "'text_encoder' must be an object with a 'type'"),
 ])
 def test_a_broken_pipeline_json_is_named(meta, sentence, tmp_path, monkeypatch, capsys):

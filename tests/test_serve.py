@@ -8,7 +8,7 @@ import time
 import pytest
 from PIL import Image
 
-from serving import Server, alive, call, multipart, post_json, raw
+from serving import Server, alive, call, multipart, png_bytes, post_json, raw
 
 CHROMIUM = '/usr/bin/chromium'
 
@@ -37,6 +37,18 @@ def test_cfg_takes_a_number_or_a_start_end_schedule(server):
     assert status == 200 and body != flat
 
 
+def test_renoise_picks_the_rule(server):
+    gen = server + '/v1/generate'
+    published = post_json(gen, {'prompt': 'red apple', 'seed': 0, 'steps': 4})[1]
+    assert post_json(gen, {'prompt': 'red apple', 'seed': 0, 'steps': 4, 'renoise': 'random'})[1] == published
+    for rule in ('confidence', 'halton'):
+        status, body = post_json(gen, {'prompt': 'red apple', 'seed': 0, 'steps': 4, 'renoise': rule})
+        assert status == 200 and body != published, rule
+    body, headers = multipart({'prompt': 'tomato', 'seed': '1', 'renoise': 'halton'}, {'image': ('a.png', published)})
+    status, out = call(server + '/v1/edit', body, headers)
+    assert status == 200 and Image.open(io.BytesIO(out)).size == (64, 64)
+
+
 def test_edit_takes_an_uploaded_image(server):
     buf = io.BytesIO()
     Image.new('RGB', (64, 64), (220, 30, 30)).save(buf, 'PNG')
@@ -59,13 +71,17 @@ def test_bad_requests_get_a_4xx_with_a_message(server):
         (post_json(gen, {'prompt': 'x', 'cfg': 'high'}), 400, 'cfg must be a number'),
         (post_json(gen, {'prompt': 'x', 'cfg': [3, 2, 1]}), 400, 'cfg must be a number or [start, end]'),
         (post_json(gen, {'prompt': 'x', 'cfg': [3, 40]}), 400, 'cfg must be between 0 and 30'),
+        (post_json(gen, {'prompt': 'x', 'renoise': 'best'}), 400,
+         "renoise must be one of random, confidence, halton, got 'best'"),
+        (post_json(gen, {'prompt': 'x', 'renoise': 3}), 400, 'renoise must be one of'),
     ]
     huge = io.BytesIO()
     Image.new('RGB', (2000, 2000)).save(huge, 'PNG')
     for files, fields, expect, message in [
             ({'image': ('notes.txt', b'not an image at all')}, {'prompt': 'x'}, 400, 'not a readable image'),
             ({'image': ('huge.png', huge.getvalue())}, {'prompt': 'x'}, 400, 'limit is 512 pixels'),
-            ({}, {'prompt': 'x'}, 400, "'image' file field is missing")]:
+            ({}, {'prompt': 'x'}, 400, "'image' file field is missing"),
+            ({'image': ('a.png', png_bytes((64, 64)))}, {'prompt': 'x', 'renoise': 'best'}, 400, 'renoise must be')]:
         body, headers = multipart(fields, files)
         cases.append((call(server + '/v1/edit', body, headers), expect, message))
     cases.append((raw(server, f'POST /v1/edit HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/octet-stream\n'
@@ -160,7 +176,7 @@ def test_every_web_mode_through_gradio_api(server, tmp_path):
     paint.paste((255, 255, 255, 255), (32, 0, 64, 64))
     paint.save(tmp_path / 'paint.png')
     client = Client(server + '/', verbose=False)
-    settings = ['', 0, 4, 1.5, 1.5]                  # negative prompt, seed, steps, cfg first / last step
+    settings = ['', 0, 4, 1.5, 1.5, 'halton']        # negative prompt, seed, steps, cfg first / last step, renoise
     calls = {
         '/generate': ['red apple', 2, *settings],
         '/inpaint': [{'background': handle_file(str(apple)), 'layers': [handle_file(str(tmp_path / 'paint.png'))],
@@ -177,4 +193,6 @@ def test_every_web_mode_through_gradio_api(server, tmp_path):
         assert Image.open(gallery[0]['image']).size[1] == 64, api_name
     with pytest.raises(Exception, match='greater than maximum value 50'):   # the slider's own limit
         client.predict('red apple', 1, '', 0, 500, 1.5, 1.5, api_name='/generate')
+    with pytest.raises(Exception, match='best'):                               # the dropdown's choices
+        client.predict('red apple', 1, '', 0, 4, 1.5, 1.5, 'best', api_name='/generate')
     assert alive(server)

@@ -35,7 +35,7 @@ def gradio_call(url, api_name, data):
 def test_a_local_file_named_in_a_request_is_neither_copied_nor_served(srv, tmp_path):
     secret = tmp_path / 'secret-emoji.png'
     secret.write_bytes(png_bytes((64, 64)))
-    settings = ['', 0, 4, 1.5, 1.5]
+    settings = ['', 0, 4, 1.5, 1.5, 'random']
     for api_name, data in [('edit', [{'path': str(secret), 'meta': {'_type': 'gradio.FileData'}}, 'x', 0.5, *settings]),
                            ('outpaint', [{'path': '/etc/hostname', 'meta': {'_type': 'gradio.FileData'}}, 'x', 64, 64,
                                          'center', *settings])]:
@@ -256,7 +256,7 @@ def wait_until_free(server, limit=30):
 def test_a_closed_page_drops_its_running_work(small):
     """A web request (8 images, 50 steps: seconds of work) whose page closes mid-way stops at once."""
     import httpx
-    join(small, 'generate', ['red apple', 8, '', 0, 50, 1.5, 1.5], 'leaving1')
+    join(small, 'generate', ['red apple', 8, '', 0, 50, 1.5, 1.5, 'random'], 'leaving1')
     with httpx.stream('GET', small.url + '/gradio_api/queue/data?session_hash=leaving1', timeout=30) as r:
         for line in r.iter_lines():
             if '"progress"' in line:                 # sampling has started
@@ -270,7 +270,7 @@ def test_the_pages_stop_button_stops_the_work(small):
     """Gradio's own cancel (/gradio_api/cancel) stops the sampling too, not only the wait for it."""
     import threading
     import httpx
-    fn, event = join(small, 'generate', ['red apple', 8, '', 0, 50, 1.5, 1.5], 'stopping1')
+    fn, event = join(small, 'generate', ['red apple', 8, '', 0, 50, 1.5, 1.5, 'random'], 'stopping1')
     started = threading.Event()
 
     def read():
@@ -309,7 +309,7 @@ def test_the_image_editor_is_bounded(small):
     piece = {'path': upload, 'meta': {'_type': 'gradio.FileData'}, 'orig_name': 'a.png'}
     t0 = time.perf_counter()
     events = gradio_call(small.url, 'inpaint', [{'background': piece, 'layers': [piece] * 50, 'composite': piece,
-                                                 'id': None}, 'x', '', 0, 4, 1.5, 1.5])
+                                                 'id': None}, 'x', '', 0, 4, 1.5, 1.5, 'random'])
     assert events[-1][0] == 'event: error' and time.perf_counter() - t0 < 2.0
 
 
@@ -329,7 +329,7 @@ def test_links_are_not_fetched_and_unused_routes_are_closed(small):
     """A file object naming a URL is refused (Gradio would download it), and so are the routes that fetch
     URLs or re-encode video."""
     link = {'path': 'https://example.org/x.png', 'meta': {'_type': 'gradio.FileData'}}
-    events = gradio_call(small.url, 'edit', [link, 'x', 0.5, '', 0, 4, 1.5, 1.5])
+    events = gradio_call(small.url, 'edit', [link, 'x', 0.5, '', 0, 4, 1.5, 1.5, 'random'])
     assert events[-1][0] == 'event: error'
     for path in ('/gradio_api/file=https://example.org/x.png', '/gradio_api/file/http://example.org/x.png',
                  '/gradio_api/proxy=https://x.hf.space/a',

@@ -112,5 +112,6 @@ def progress(total, desc):
 
 
 def overrides(args):
-    """--steps / --cfg as Settings overrides, where given."""
-    return {k: v for k, v in (('steps', args.steps), ('cfg', args.cfg)) if v is not None}
+    """--steps / --cfg / --renoise as Settings overrides, where given (eval has no --renoise yet)."""
+    given = (('steps', args.steps), ('cfg', args.cfg), ('renoise_rule', getattr(args, 'renoise', None)))
+    return {k: v for k, v in given if v is not None}

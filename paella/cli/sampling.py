@@ -15,6 +15,8 @@ def sampling_args(p, output, seed=None):
     p.add_argument('--steps', type=number, help="sampling steps (default: the model's)")
     p.add_argument('--cfg', action=Cfg, help="classifier-free guidance scale, or START END for a linear "
                                              "schedule over the steps (default: the model's)")
+    p.add_argument('--renoise', metavar='RULE', help="which tokens go back to noise after each step: random "
+                   "(published), confidence (the least probable) or halton (a spread order) (default: the model's)")
     p.add_argument('--negative-prompt', default='', help='what the image should not be')
     p.add_argument('--grid', action='store_true', help='save all images as one grid')
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
@@ -98,6 +100,8 @@ def check_sampling(p, args):
         args.seed = checks.seed(args.seed)          # cleaned as the API cleans them: '2.0' is 2
         if args.steps is not None:
             args.steps = checks.integer(args.steps, 'steps', 1, caps.steps)
+        if args.renoise is not None:
+            checks.choice(args.renoise, 'renoise', checks.RENOISE_RULES)
         checks.text(args.negative_prompt, 'negative_prompt', caps.prompt)
         checks.output_path(args.output)
         for name in ('prompt', 'prompt_a', 'prompt_b', 'background'):

@@ -74,12 +74,18 @@ class Fields:
         """A guidance scale: a number, or [start, end] for a linear schedule over the steps."""
         return _request(checks.schedule, value, 'cfg', 0, 30)
 
+    def renoise(self, value):
+        """A re-noising rule's name (which tokens go back to noise after each step)."""
+        return _request(checks.choice, value, 'renoise', checks.RENOISE_RULES)
+
     def sampling(self, p):
-        """The fields every mode takes (seed, steps, cfg, negative_prompt) -> pipeline keyword arguments."""
+        """The fields every mode takes (seed, steps, cfg, renoise, negative_prompt) -> pipeline keyword
+        arguments."""
         out = {'seed': _request(checks.seed, p.get('seed')),                 # None: a random seed
                'negative_prompt': self.prompt(p.get('negative_prompt'), 'negative_prompt', required=False)}
         for key, value in (('steps', self.integer(p.get('steps'), 'steps', 1, self.limits.max_steps)),
-                           ('cfg', None if p.get('cfg') is None else self.cfg(p.get('cfg')))):
+                           ('cfg', None if p.get('cfg') is None else self.cfg(p.get('cfg'))),
+                           ('renoise_rule', None if p.get('renoise') is None else self.renoise(p.get('renoise')))):
             if value is not None:
                 out[key] = value
         return out

@@ -37,10 +37,11 @@ class Service:
         return await self.gate.run(job)
 
     async def generate(self, p, callback=None):
-        """``{"prompt", "negative_prompt", "seed", "steps", "cfg", "num_images"}`` -> a list of images."""
+        """``{"prompt", "negative_prompt", "seed", "steps", "cfg", "renoise", "num_images"}`` -> a list of
+        images."""
         if not isinstance(p, dict):
             raise BadRequest('the body must be a JSON object such as {"prompt": "red apple"}')
-        _only(p, {'prompt', 'negative_prompt', 'seed', 'steps', 'cfg', 'num_images'})
+        _only(p, {'prompt', 'negative_prompt', 'seed', 'steps', 'cfg', 'renoise', 'num_images'})
         f = self.fields
         prompt = f.prompt(p.get('prompt'))
         n = f.integer(p.get('num_images'), 'num_images', 1, self.limits.max_images, default=1)
@@ -48,7 +49,7 @@ class Service:
 
     async def edit(self, image, p, callback=None):
         """An uploaded image and ``{"prompt", "strength", ...sampling}`` -> the edited image."""
-        _only(p, {'prompt', 'negative_prompt', 'seed', 'steps', 'cfg', 'strength'})
+        _only(p, {'prompt', 'negative_prompt', 'seed', 'steps', 'cfg', 'renoise', 'strength'})
         f = self.fields
         upload, prompt = Upload(image, f), f.prompt(p.get('prompt'))
         strength = f.number(p.get('strength'), 'strength', 0, 1, default=0.5)

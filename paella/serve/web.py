@@ -12,6 +12,7 @@ import inspect
 import logging
 import os
 
+from .. import checks
 from .gate import Cancelled
 from .limits import BadRequest, Busy
 from .service import Upload
@@ -128,7 +129,9 @@ def settings(gr, lim, pipe):
                 gr.Number(label='seed (-1: random)', value=0, precision=0),
                 gr.Slider(1, lim.max_steps, value=pipe.settings.steps, step=1, label=f'steps (1-{lim.max_steps})'),
                 gr.Slider(0, 30, value=float(start), step=0.05, label='cfg at the first step'),
-                gr.Slider(0, 30, value=float(end), step=0.05, label='cfg at the last step')]
+                gr.Slider(0, 30, value=float(end), step=0.05, label='cfg at the last step'),
+                gr.Dropdown(list(checks.RENOISE_RULES), value=pipe.settings.renoise_rule,
+                            label='re-noising: which tokens go back to noise after each step')]
 
 
 def blocks(service, cache_dir):
@@ -146,12 +149,13 @@ def blocks(service, cache_dir):
 
     def handler(call, n_inputs):
         async def run(*values):
-            inputs, (negative, seed, steps, cfg, cfg_end, request, progress) = values[:n_inputs], values[n_inputs:]
+            inputs, (negative, seed, steps, cfg, cfg_end, renoise, request, progress) = (values[:n_inputs],
+                                                                                      values[n_inputs:])
             try:
                 sampling = service.fields.sampling({
                     'seed': None if seed is None or seed < 0 else seed, 'steps': steps, 'negative_prompt': negative,
                     # equal ends as one number, so that 0 keeps meaning "no guidance"
-                    'cfg': cfg if cfg == cfg_end else [cfg, cfg_end]})
+                    'cfg': cfg if cfg == cfg_end else [cfg, cfg_end], 'renoise': renoise})
                 steps = sampling.get('steps', service.pipe.settings.steps)
                 return await while_open(demo, request.session_hash, call(
                     service, ask, *inputs, **sampling, callback=lambda i, _: progress((i + 1) / steps, desc='sampling')))
@@ -163,7 +167,7 @@ def blocks(service, cache_dir):
         # Gradio hands over the request and a progress bar to positional parameters it recognises by their
         # annotation and default: spell them out for a function of any number of inputs
         P = inspect.Parameter
-        names = [f'input{i}' for i in range(n_inputs)] + ['negative', 'seed', 'steps', 'cfg', 'cfg_end']
+        names = [f'input{i}' for i in range(n_inputs)] + ['negative', 'seed', 'steps', 'cfg', 'cfg_end', 'renoise']
         run.__signature__ = inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD) for n in names] + [
             P('request', P.POSITIONAL_OR_KEYWORD, annotation=gr.Request),
             P('progress', P.POSITIONAL_OR_KEYWORD, default=gr.Progress())])
