@@ -110,9 +110,13 @@ def byt5_encoder(path='google/byt5-xl', device=None, dtype=None, stream=False, *
         model = _streamed_t5(path, device, dtype) if stream else T5EncoderModel.from_pretrained(str(path), dtype=dtype)
     if device and not stream:
         model = model.to(device)
-    # The cache key names the weights and the dtype they computed in (bf16 states differ from fp32's).
-    tag = f':{str(dtype).removeprefix("torch.")}' if dtype not in (None, torch.float32) else ''
-    return HFTextEncoder(model, ByT5Tokenizer(), f'byt5:{path}{tag}', **kwargs)
+    return HFTextEncoder(model, ByT5Tokenizer(), f'byt5:{path}{dtype_tag(dtype)}', **kwargs)
+
+
+def dtype_tag(dtype):
+    """The part of an encoder's id (the embedding cache's key) naming the dtype it computes in: bf16
+    embeddings differ from float32's, so they must not share cache entries."""
+    return f':{str(dtype).removeprefix("torch.")}' if dtype not in (None, torch.float32) else ''
 
 
 def _streamed_t5(path, device, dtype):
@@ -273,5 +277,6 @@ def clip_encoder(path, device=None, dtype=None, keep=True):
     if keep:
         with using(text):               # a broken folder fails here, at load, not at the first prompt
             pass
-    return CLIPEncoder(text, tower(CLIPVisionModelWithProjection, 'vision_config'), tokenizer, f'clip:{path}',
+    return CLIPEncoder(text, tower(CLIPVisionModelWithProjection, 'vision_config'), tokenizer,
+                       f'clip:{path}{dtype_tag(dtype)}',
                        config.projection_dim, config.vision_config.image_size)

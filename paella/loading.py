@@ -93,15 +93,25 @@ def conditioning(text_spec, clip_path, prior, device, dtype, low_memory):
 
 
 def encoder_files(spec, clip_path):
-    """The weights files of a pipeline's encoders that are local folders (for the memory estimate)."""
+    """The weights files of a pipeline's encoders (for the memory estimate): local folders, and Hugging Face
+    names found in the local cache (one not downloaded yet counts as nothing)."""
     files = []
     for path in (spec.get('path'), clip_path):
-        if path and Path(path).is_dir():
-            try:
-                files += Weights.of(path).files
-            except FileNotFoundError:
-                pass
+        folder = path if path and Path(path).is_dir() else cached_snapshot(path) if path else None
+        try:
+            files += Weights.of(folder).files if folder else []
+        except FileNotFoundError:
+            pass
     return files
+
+
+def cached_snapshot(name):
+    """The local folder of a Hugging Face model already in the cache, or None (nothing is downloaded)."""
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(name, local_files_only=True, allow_patterns=['*.json', '*.safetensors', '*.bin'])
+    except Exception:  # noqa: BLE001 (not cached, an invalid name, ...: unknown size)
+        return None
 
 
 def embedding_cache(cache, low_memory):

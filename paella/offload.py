@@ -123,7 +123,7 @@ def materialize(module, weights, prefix='', dtype=None, device=None, aliases=Non
         if key not in weights and aliases and aliases.get(key) in weights:
             key = aliases[key]
         if key not in weights:
-            raise KeyError(f"the weights hold no {prefix + n!r}")
+            raise ValueError(f"the weights hold no {prefix + n!r}")
         found[key] = n
     sd = weights.read(list(found), dtype)
     module.load_state_dict({found[k]: v.to(device) if device else v for k, v in sd.items()}, assign=True)
@@ -133,8 +133,13 @@ def materialize(module, weights, prefix='', dtype=None, device=None, aliases=Non
 def stream(blocks, weights, prefix, dtype=None, device=None):
     """Each module of ``blocks`` (built on the meta device) reads its weights (``prefix``.i.*) just before
     its forward and drops them after: peak memory is one block's, at the cost of reading the file at every
-    forward (for a text encoder, once per prompt batch)."""
+    forward (for a text encoder, once per prompt batch). Every block's weights are checked to be there
+    now, so a damaged file fails at load, not at the first prompt."""
     for i, block in enumerate(blocks):
+        missing = [n for n in block.state_dict() if f'{prefix}.{i}.{n}' not in weights]
+        if missing:
+            raise ValueError(f"the weights hold no {f'{prefix}.{i}.{missing[0]}'!r}"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ''))
         def load(module, args, i=i):
             materialize(module, weights, f'{prefix}.{i}.', dtype, device)
 

@@ -1,6 +1,7 @@
 """Low memory (paella.offload, `low_memory=True`): the same computation with one large model in memory at a
 time; and the whole v3 demo flow, token for token, against the published demo's steps."""
 import gc
+import re
 import weakref
 
 import pytest
@@ -228,3 +229,34 @@ def test_low_memory_on_a_gpu(official_files, tiny_t5_dir, tiny_clip_dir, tmp_pat
     low = v3_pipeline(official_files, tiny_t5_dir, tiny_clip_dir, device='cuda', low_memory=True, cache=tmp_path)
     tokens = low.tokens(['a red apple'], seed=0, **FAST)
     assert tokens.is_cuda and tokens.shape == (1, 16, 16) and low.prior.model is None
+
+
+def test_encoders_named_on_the_hub_count_from_the_local_cache(tiny_t5_dir, tmp_path, monkeypatch):
+    """The automatic choice must see ByT5-XL given by name (Pipeline.v3's default), not count it as 0 bytes."""
+    import shutil
+
+    import huggingface_hub.constants
+    from paella.loading import encoder_files
+    snapshot = tmp_path / 'models--org--t5' / 'snapshots' / 'abc123'
+    shutil.copytree(tiny_t5_dir, snapshot)
+    (tmp_path / 'models--org--t5' / 'refs').mkdir()
+    (tmp_path / 'models--org--t5' / 'refs' / 'main').write_text('abc123')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path))
+    assert encoder_files({'type': 'byt5', 'path': 'org/t5'}, 'org/not-downloaded') == [snapshot / 'model.safetensors']
+
+
+def test_damaged_encoders_fail_at_load_and_cache_keys_name_the_dtype(tiny_t5_dir, tiny_clip_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    from paella.conditioning import clip_encoder
+    damaged = tmp_path / 't5'
+    shutil.copytree(tiny_t5_dir, damaged)
+    sd = load_file(str(damaged / 'model.safetensors'))
+    del sd['encoder.block.1.layer.1.DenseReluDense.wo.weight']
+    save_file(sd, str(damaged / 'model.safetensors'))
+    with pytest.raises(ValueError, match=re.escape("no 'encoder.block.1.layer.1.DenseReluDense.wo.weight'")):
+        byt5_encoder(damaged, stream=True)                  # at load, not at the first prompt
+    # bf16 embeddings differ from float32's: never one cache entry for both
+    assert byt5_encoder(tiny_t5_dir).id != byt5_encoder(tiny_t5_dir, dtype=torch.bfloat16, stream=True).id
+    assert clip_encoder(tiny_clip_dir).id != clip_encoder(tiny_clip_dir, dtype=torch.bfloat16, keep=False).id
