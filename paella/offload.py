@@ -156,21 +156,11 @@ def stream(blocks, weights, prefix, dtype=None, device=None):
 class OnDemand:
     """A model loaded when used: ``with using(model) as m:`` calls ``load()``, and releases the model after
     the block unless ``keep`` (then it is loaded once, at the first use). The keyword ``attrs`` (config,
-    width, id, ...) are known without loading it; a method called on it directly (``model.encode(...)``)
-    is one use."""
+    width, id, ...) are known without loading it; anything else is the loaded model's, inside ``using``."""
 
     def __init__(self, load, keep=False, **attrs):
         self.load, self.keep, self.model = load, keep, None
         self.__dict__.update(attrs)
-
-    def __getattr__(self, name):                 # only for what attrs did not give
-        if name.startswith('__'):
-            raise AttributeError(name)
-
-        def call(*args, **kwargs):
-            with using(self) as model:
-                return getattr(model, name)(*args, **kwargs)
-        return call
 
 
 @contextmanager
