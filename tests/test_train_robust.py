@@ -141,15 +141,20 @@ def test_every_bad_training_flag_is_a_usage_error_before_any_work(tmp_path, caps
     assert not (tmp_path / 'vq-run' / 'checkpoints').exists()
 
 
-def bad_batches_folder(tmp_path):
-    """2 good pictures among 4 files that are no picture at all: with batch size 1, whole batches are bad."""
-    folder = tmp_path / 'mixed'
+def mixed_folder(tmp_path, name, good, bad):
+    """``good`` pictures (with their captions) and ``bad`` files that are no picture at all."""
+    folder = tmp_path / name
     folder.mkdir()
-    for p in sorted(synth.image_folder(tmp_path / 'shapes', 32).iterdir())[:4]:   # 2 pictures + captions
+    for p in sorted(synth.image_folder(tmp_path / 'shapes', 32).iterdir())[:2 * good]:   # picture + caption
         shutil.copy(p, folder / p.name)
-    for i in range(4):
+    for i in range(bad):
         (folder / f'bad{i}.png').write_text('I am not a picture')
     return folder
+
+
+def bad_batches_folder(tmp_path):
+    """2 good pictures among 4 files that are no picture at all: with batch size 1, whole batches are bad."""
+    return mixed_folder(tmp_path, 'mixed', good=2, bad=4)
 
 
 def test_steps_with_no_good_sample_are_not_steps_and_resume_exactly(tmp_path):
@@ -267,12 +272,7 @@ def half_bad_folder(tmp_path):
     2, one process often has a good sample while the other has none (checked: the seeded order's first 4)."""
     from itertools import islice
     from paella.data import StepSampler
-    folder = tmp_path / 'half'
-    folder.mkdir()
-    for p in sorted(synth.image_folder(tmp_path / 'shapes', 32).iterdir())[:6]:   # 3 pictures + captions
-        shutil.copy(p, folder / p.name)
-    for i in range(3):
-        (folder / f'bad{i}.png').write_text('I am not a picture')
+    folder = mixed_folder(tmp_path, 'half', good=3, bad=3)
     bad = [p.name.startswith('bad') for p in sorted(folder.glob('*.png'))]
     first = [[bad[b[0][1]] for b in islice(StepSampler(6, 2, r, 2), 4)] for r in (0, 1)]   # rank r's samples
     assert sum(a != b for a, b in zip(*first)) >= 2
