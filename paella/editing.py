@@ -259,11 +259,10 @@ def edit(pipe, image, prompt, strength=0.5, o=Options()):
         return pipe.decode(pipe.run(prompts, o), o.output)
     s = pipe.settings_with(o.overrides)
     steps = max(1, math.ceil(s.steps * strength))
-    renoise = min(steps - 1, steps - 1 if s.renoise_steps is None else s.renoise_steps)
     generator = o.rng(pipe.device)                  # the noise is drawn first, from the sampler's generator
     t = torch.full((len(images),), float(strength), device=init.device)
     noised = add_noise(init, t, pipe.generator.num_labels, generator=generator)[0]
-    o = replace(o, generator=generator, overrides={**o.overrides, 'steps': steps, 'renoise_steps': renoise})
+    o = replace(o, generator=generator, overrides={**o.overrides, 'steps': steps})
     return pipe.decode(pipe.run(prompts, o, init_x=noised, t_start=float(strength)), o.output)
 
 

@@ -80,7 +80,8 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
     model_inputs / unconditional_inputs: keyword conditions of the conditional / unconditional branch
         (unconditional defaults to zeros like the conditional inputs, as in the published v3 code).
     latent_shape: (B, H, W); may be left out when ``init_x`` is given.
-    steps, renoise_steps (default steps - 1): denoising steps, and how many of them re-noise afterwards.
+    steps, renoise_steps (default and at most steps - 1): denoising steps, and how many of them re-noise
+        afterwards.
     temperature, cfg: a number or a linear (start, end) schedule; cfg None or 0 disables guidance.
     t_start, t_end: noise levels of the first and past-the-last step.
     sampling_conditional_steps: guidance only for the first this many steps.
@@ -114,7 +115,9 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
                     conditional_steps=sampling_conditional_steps, batch=batch_cfg, cache=cache, exact=mode != 'cdf')
     draw = drawer(steps, temperature, mode, generator, codebook, top_k, typical_mass, typical_min_tokens,
                   sampling_quant_steps)
-    renoise_steps = steps - 1 if renoise_steps is None else renoise_steps
+    # never after the last step: that would only add noise to the result (a model's renoise_steps = 11 of
+    # 12 steps stays right when a caller asks for fewer steps)
+    renoise_steps = steps - 1 if renoise_steps is None else min(renoise_steps, steps - 1)
 
     init_noise = torch.randint(0, model.num_labels, latent_shape, device=device, generator=generator)
     # argmax draws read no temperature (it may be 0): confidence then ranks under the logits' own softmax

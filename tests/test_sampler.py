@@ -160,3 +160,11 @@ def test_filters_restrict_sampled_tokens(tiny_paella, conds):
 def test_bad_arguments_are_named(tiny_paella, conds, kw, message):
     with pytest.raises(ValueError, match=message):
         run(tiny_paella, conds, **kw)
+
+
+def test_renoise_steps_beyond_the_last_step_never_noise_the_result(tiny_paella, conds):
+    # a model's renoise_steps (e.g. 11 of its 12 steps) must not re-noise the last of fewer steps; it would
+    # show where the last step ends above noise level 0 (t_end > 0, as a partial edit may)
+    plain = run(tiny_paella, conds, 4, steps=3, t_end=0.5)
+    assert torch.equal(run(tiny_paella, conds, 4, steps=3, t_end=0.5, renoise_steps=11), plain)
+    assert not torch.equal(run(tiny_paella, conds, 4, steps=3, t_end=0.5, renoise_steps=1), plain)

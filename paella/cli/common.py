@@ -112,6 +112,6 @@ def progress(total, desc):
 
 
 def overrides(args):
-    """--steps / --cfg / --renoise as Settings overrides, where given (eval has no --renoise yet)."""
-    given = (('steps', args.steps), ('cfg', args.cfg), ('renoise_rule', getattr(args, 'renoise', None)))
+    """--steps / --cfg / --renoise as Settings overrides, where given."""
+    given = (('steps', args.steps), ('cfg', args.cfg), ('renoise_rule', args.renoise))
     return {k: v for k, v in given if v is not None}

@@ -4,6 +4,7 @@ import argparse
 import json
 
 from .. import flags
+from ..checks import RENOISE_RULES
 from .common import Cfg, load_pipeline, overrides, positive, print_skipped
 
 
@@ -188,6 +189,8 @@ def parse_eval(p):
                    help='evaluate seeds SEED .. SEED+K-1: one report line each, then mean / min / max')
     p.add_argument('--steps', type=int)
     p.add_argument('--cfg', action=Cfg, help="guidance scale or START END (default: the model's)")
+    p.add_argument('--renoise', metavar='RULE', choices=RENOISE_RULES,
+                   help=f"re-noising rule: {', '.join(RENOISE_RULES)} (default: the model's)")
     p.add_argument('--regional', type=int, metavar='TRIALS',
                    help='instead: the regional-prompt check over this many seeded trials (e.g. 20)')
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
