@@ -157,7 +157,7 @@ def cmd_restored_pairs(args):
     print(f"wrote {n} token/image pairs to {args.out} ({len(skipped)} skipped)")
 
 
-TRAIN = {'train': 'generator', 'train-vq': 'vqgan', 'train-prior': 'prior'}
+TRAIN = {'train': 'generator', 'train-vq': 'vqgan', 'train-prior': 'prior', 'finetune': 'lora'}
 
 
 def parse_train(p):
@@ -183,7 +183,7 @@ def cmd_train(args):
 def parse_eval(p):
     p.add_argument('--model', help='pipeline folder (default: the shipped emoji model)')
     p.add_argument('--data', help='real renders (a paella data folder; default: built on the fly)')
-    p.add_argument('--n', type=int, default=200)
+    p.add_argument('--n', type=int, help='emoji scored (default 200; with --style: the 50 held-out concepts)')
     p.add_argument('--seed', type=int, default=0, help='picks the scored emoji and seeds the samples')
     p.add_argument('--seeds', type=positive, default=1, metavar='K',
                    help='evaluate seeds SEED .. SEED+K-1: one report line each, then mean / min / max')
@@ -193,18 +193,31 @@ def parse_eval(p):
                    help=f"re-noising rule: {', '.join(RENOISE_RULES)} (default: the model's)")
     p.add_argument('--regional', type=int, metavar='TRIALS',
                    help='instead: the regional-prompt check over this many seeded trials (e.g. 20)')
+    p.add_argument('--style', choices=['twemoji'],
+                   help="instead: the style report of the held-out concepts ('<name>, twemoji style' drawn "
+                        "nearer to the Twemoji render than to the OpenMoji one; `paella data twemoji`)")
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
 
 
 def cmd_eval(args):
-    from paella_openmoji import eval_lines
+    from paella_openmoji import HELD_OUT, eval_lines, style_report
+    if args.style and args.regional:
+        raise ValueError('--style and --regional are two different reports: give one')
     pipe = load_pipeline(args)
-    for line in eval_lines(pipe, args.data, args.n, args.seed, args.seeds, args.regional, **overrides(args)):
+    if args.style:
+        lines = style_report(pipe, args.data, args.seed, args.seeds, args.style,
+                             HELD_OUT if args.n is None else args.n, **overrides(args))
+    else:
+        lines = eval_lines(pipe, args.data, 200 if args.n is None else args.n, args.seed, args.seeds, args.regional,
+                           **overrides(args))
+    for line in lines:
         print(line, flush=True)
 
 
 def parse_data(p):
-    p.add_argument('name', choices=['openmoji'], help='openmoji: OpenMoji SVGs with Unicode names')
+    p.add_argument('name', choices=['openmoji', 'twemoji'],
+                   help="openmoji: OpenMoji SVGs with Unicode names; twemoji: the LoRA style example, Twemoji "
+                        "renders captioned '<name>, twemoji style' beside the same emoji's OpenMoji rows")
     p.add_argument('--out', required=True, help='output image folder')
     p.add_argument('--size', type=int, default=64)
     p.add_argument('--skin-tones', action='store_true', help='keep the skin-tone variants too')
@@ -216,10 +229,35 @@ def parse_data(p):
     p.add_argument('--name-rows', type=int, default=1, metavar='N',
                    help="write each name row N times (the names' share beside many extra captions)")
     p.add_argument('--limit', type=int, help='only the first N emoji')
+    p.add_argument('--n', type=positive, metavar='N',
+                   help="twemoji (required): how many style concepts (a smaller set is part of every larger one; "
+                        "none is a concept `paella eval --style twemoji` scores)")
+    p.add_argument('--no-base-rows', dest='base_rows', action='store_false',
+                   help="twemoji: leave out the OpenMoji rows captioned with the plain names")
 
 
 def cmd_data(args):
     from paella_openmoji import ATTRIBUTION, build_dataset
+    given = {'--skin-tones': args.skin_tones, '--aliases': args.aliases, '--keywords': bool(args.keywords),
+             '--name-rows': args.name_rows != 1, '--limit': args.limit is not None,
+             '--n': args.n is not None, '--no-base-rows': not args.base_rows}
+    other = (('--n', '--no-base-rows') if args.name == 'openmoji' else        # the other source's flags
+             ('--skin-tones', '--aliases', '--keywords', '--name-rows', '--limit'))
+    wrong = [flag for flag in other if given[flag]]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)}: not a flag of `paella data {args.name}`")
+    if args.name == 'twemoji':
+        return data_twemoji(args)
     n = build_dataset(args.out, args.size, skin_tones=args.skin_tones, limit=args.limit, aliases=args.aliases,
                       keywords=args.keywords, name_rows=args.name_rows)
     print(f"wrote {n} emoji at {args.size}x{args.size} to {args.out}/ (metadata.jsonl)\n{ATTRIBUTION}")
+
+
+def data_twemoji(args):
+    from paella_openmoji import ATTRIBUTION, HELD_OUT, TWEMOJI_ATTRIBUTION, build_style_set
+    if args.n is None:
+        raise ValueError('twemoji needs --n N, the number of style concepts (e.g. 100)')
+    n = build_style_set(args.out, args.n, args.size, base_rows=args.base_rows)
+    rows = f"{n} Twemoji renders{' and their OpenMoji rows' if args.base_rows else ''}"
+    print(f"wrote {rows} at {args.size}x{args.size} to {args.out}/ (metadata.jsonl); {HELD_OUT} other concepts are "
+          f"held out for `paella eval --style twemoji`\n{TWEMOJI_ATTRIBUTION}\n{ATTRIBUTION}")

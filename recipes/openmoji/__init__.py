@@ -1,7 +1,9 @@
 """The OpenMoji recipe: the emoji model's data set and evaluation, apart from the library.
 
 Installed with the project as ``paella_openmoji``; the ``paella`` command calls it for
-``paella data openmoji`` (`build_dataset`, `ATTRIBUTION`) and ``paella eval`` (`eval_lines`).
+``paella data openmoji`` (`build_dataset`, `ATTRIBUTION`) and ``paella eval`` (`eval_lines`), and for the
+LoRA style example: ``paella data twemoji`` (`build_style_set`) and ``paella eval --style twemoji``
+(`style_report`).
 How the shipped emoji model was trained, stage by stage: ``recipes/openmoji/README.md``.
 """
 from .dataset import ATTRIBUTION, build, build_dataset, catalogue, render
@@ -13,6 +15,18 @@ from .eval import (
     load_real,
     regional_trials,
 )
+from .styles import (
+    HELD_OUT,
+    STYLES,
+    TWEMOJI_ATTRIBUTION,
+    build_style_set,
+    held_out,
+    style_concepts,
+    style_report,
+    training_order,
+    twemoji_svgs,
+)
 
-__all__ = ['ATTRIBUTION', 'PARAPHRASES', 'REGIONAL_PAIRS', 'build', 'build_dataset', 'catalogue', 'eval_lines',
-           'evaluate', 'load_real', 'regional_trials', 'render']
+__all__ = ['ATTRIBUTION', 'HELD_OUT', 'PARAPHRASES', 'REGIONAL_PAIRS', 'STYLES', 'TWEMOJI_ATTRIBUTION', 'build',
+           'build_dataset', 'build_style_set', 'catalogue', 'eval_lines', 'evaluate', 'held_out', 'load_real',
+           'regional_trials', 'render', 'style_concepts', 'style_report', 'training_order', 'twemoji_svgs']
