@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+TINY = torch.finfo(torch.float32).tiny
+
 # Training sets this (paella.train.distributed.SampleDropout): a callable (x, p) -> x with its dropped
 # elements zeroed and the others scaled by 1 / (1 - p), whose masks are a function of each sample's
 # position in the global batch, so a batch split over N processes drops what one process drops. None:
@@ -55,7 +57,8 @@ class GlobalResponseNorm(nn.Module):
         if self.published:
             gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)                  # (B, 1, 1, C)
         else:
-            gx = x.square().sum((1, 2), keepdim=True, dtype=torch.float32).sqrt().to(x.dtype)
+            # clamped: at a channel that is 0 everywhere sqrt's gradient is inf (0 x inf = NaN); torch.norm's is 0
+            gx = x.square().sum((1, 2), keepdim=True, dtype=torch.float32).clamp_min(TINY).sqrt().to(x.dtype)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         return self.gamma * (x * nx) + self.beta + x
 

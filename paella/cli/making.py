@@ -5,7 +5,7 @@ import json
 
 from .. import flags
 from ..checks import RENOISE_RULES
-from .common import Cfg, load_pipeline, overrides, positive, print_skipped
+from .common import Cfg, load_pipeline, lora_args, overrides, positive, print_skipped
 
 
 def checkpoint_args(p):
@@ -76,6 +76,8 @@ def parse_assemble(p):
     p.add_argument('--image-size', type=int, default=64)
     flags.add_dotted(p, ['--settings'], Settings, 'sampling settings, e.g. --settings.steps 12 --settings.cfg 3')
     p.add_argument('--half', action='store_true', help='store the weights in float16')
+    lora_args(p, 'a LoRA adapter folder (paella finetune) to build into the generator at a scale (default 1); '
+                 'repeat for several')
 
 
 def cmd_assemble(args):
@@ -84,6 +86,9 @@ def cmd_assemble(args):
     from ..pipeline import Settings
     settings = flags.dotted(args, 'settings', Settings)
     pipe = Pipeline.assemble(args.generator, args.vqgan, args.text_encoder, args.pad_to, args.image_size, **settings)
+    for path, scale in args.lora:
+        pipe.load_lora(path, scale)
+    pipe.fuse_lora()
     pipe.save_pretrained(args.out, dtype=torch.float16 if args.half else None)
     print(f"wrote the pipeline to {args.out}/")
 
@@ -197,6 +202,7 @@ def parse_eval(p):
                    help="instead: the style report of the held-out concepts ('<name>, twemoji style' drawn "
                         "nearer to the Twemoji render than to the OpenMoji one; `paella data twemoji`)")
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
+    lora_args(p)
 
 
 def cmd_eval(args):

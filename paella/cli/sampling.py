@@ -3,8 +3,8 @@ import argparse
 import sys
 
 from .. import checks, flags
-from .common import (Cfg, box_or_mask, load_pipeline, memory_args, number, overrides, parse_size, position,
-                     progress)
+from .common import (Cfg, box_or_mask, load_pipeline, lora_args, memory_args, number, overrides, parse_size,
+                     position, progress)
 
 
 def sampling_args(p, output, seed=None):
@@ -21,6 +21,7 @@ def sampling_args(p, output, seed=None):
     p.add_argument('--grid', action='store_true', help='save all images as one grid')
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
     memory_args(p)
+    lora_args(p)
 
 
 def parse_generate(p):
@@ -173,6 +174,7 @@ def parse_serve(p):
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
     p.add_argument('--api-only', action='store_true', help='the /v1 HTTP API without the web app')
     memory_args(p)
+    lora_args(p)
     flags.add_config(p, Limits)
 
 

@@ -9,15 +9,43 @@ import copy
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from ..data import StepSampler, collate
 from . import distributed, state
+from ..model import PaellaConfig
+from ..prior import PriorConfig
+from ..vq import VQConfig
 from .config import lr_factor
+from .finetune import FinetuneConfig, FinetuneTask
 from .log import Logger
-from .recipes import task_for
+from .recipes import GeneratorConfig, GeneratorTask, PriorTask, PriorTrainConfig, VQGANConfig, VQTask
+
+
+class Recipe(NamedTuple):
+    config: type        # its settings (a TrainConfig)
+    task: type
+    model: type         # the model config whose fields the --model.* flags set
+
+
+RECIPES = {
+    'generator': Recipe(GeneratorConfig, GeneratorTask, PaellaConfig),
+    'vqgan': Recipe(VQGANConfig, VQTask, VQConfig),
+    'prior': Recipe(PriorTrainConfig, PriorTask, PriorConfig),
+    'lora': Recipe(FinetuneConfig, FinetuneTask, PaellaConfig),
+}
+
+
+def task_for(cfg):
+    """The task class of a recipe's config."""
+    for recipe in RECIPES.values():
+        if type(cfg) is recipe.config:
+            return recipe.task
+    raise TypeError(f"{type(cfg).__name__} is not a recipe's config: use one of "
+                    f"{', '.join(r.config.__name__ for r in RECIPES.values())}")
 
 
 class Run:
@@ -215,7 +243,8 @@ def update_ema(run, metrics, bar):
     if run.ema is not None:
         decay = 0.0 if run.step - 1 < run.cfg.ema_start else run.cfg.ema
         for pe, pm in zip(run.ema.parameters(), run.model.parameters()):
-            pe.lerp_(pm.detach(), 1 - decay)
+            if pm.requires_grad:              # frozen weights (a LoRA run's base) are equal already
+                pe.lerp_(pm.detach(), 1 - decay)
 
 
 def log(run, metrics, bar):

@@ -7,18 +7,20 @@ and sliced for this process, so a run split over more processes computes the sam
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from ..data import ImageFolder, Preencoded, is_shards, webdataset_images
-from ..model import Paella, PaellaConfig, text_pool
+from ..model import Paella, text_pool
 from ..noise import add_noise, check_token_range, loss_weight
-from ..prior import CosineSchedule, PriorConfig, PriorModel
+from ..prior import CosineSchedule, PriorModel
 from ..shards import preencoded_extras
-from ..vq import VQConfig, VQModel
+from ..vq import VQModel
 from .config import TrainConfig
 from .distributed import gather_rows, seed_of
 
@@ -79,6 +81,10 @@ def image_dataset(cfg):
     return ImageFolder(cfg.data, cfg.image_size, seed=cfg.seed)
 
 
+def same_tensors(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k].cpu()) for k in a)
+
+
 def on(device, *tensors):
     return [None if x is None else x.to(device) for x in tensors]
 
@@ -94,6 +100,18 @@ class Task:
 
     def after_step(self, step, model):
         pass
+
+    def export(self, model, folder, state_dict):
+        """Write a model folder of ``state_dict`` (the run's weights or their EMA)."""
+        model.save_pretrained(folder, state_dict=state_dict)
+
+    def exported(self, folder, state_dict):
+        """Whether ``folder`` holds what `export` writes of ``state_dict``."""
+        try:
+            saved = load_file(str(Path(folder) / 'model.safetensors'))
+        except (OSError, SafetensorError):
+            return False
+        return same_tensors(saved, state_dict)
 
 
 class GeneratorTask(Task):
@@ -114,7 +132,7 @@ class GeneratorTask(Task):
                              "(or pre-encode the data with `paella preencode`)")
         else:
             self.dataset, self.vqgan_path = image_dataset(cfg), cfg.vqgan
-            self.encoder = load_text_encoder(cfg.text_encoder, device)
+            self.encoder = load_text_encoder(self.text_spec(), device)
             self.cache = EmbeddingCache(Path(cfg.out) / 'text-cache')
             self.uncond = self.encoder.encode(['']).states.cpu()
             width = self.encoder.width
@@ -128,9 +146,16 @@ class GeneratorTask(Task):
         if self.vqgan is not None:
             overrides.setdefault('num_labels', self.vqgan.codebook_size)
         overrides.setdefault('byt5_embd', width)
-        self.model = Paella(Paella.make_config(cfg.preset, **overrides))
+        self.model = self.build_model(overrides)
         if 'tokens' in getattr(self.dataset, 'tensors', {}):     # pre-encoded: checked once, not per step
             check_token_range(self.dataset.tensors['tokens'], self.model.num_labels)
+
+    def text_spec(self):
+        return self.cfg.text_encoder
+
+    def build_model(self, overrides):
+        """The generator to train: the preset's, with ``overrides`` over it (--model.* and the data's widths)."""
+        return Paella(Paella.make_config(self.cfg.preset, **overrides))
 
     def loss(self, model, batch, s):
         cfg = self.cfg
@@ -295,25 +320,3 @@ class PriorTask(Task):
         noised, noise = self.schedule.diffuse(image, t, s.randn(image.shape[1]))
         noised, t, text, noise = on(self.device, noised, t, text, noise)
         return F.mse_loss(model(noised, t, text).float(), noise), {}
-
-
-class Recipe(NamedTuple):
-    config: type        # its settings (a TrainConfig)
-    task: type
-    model: type         # the model config whose fields the --model.* flags set
-
-
-RECIPES = {
-    'generator': Recipe(GeneratorConfig, GeneratorTask, PaellaConfig),
-    'vqgan': Recipe(VQGANConfig, VQTask, VQConfig),
-    'prior': Recipe(PriorTrainConfig, PriorTask, PriorConfig),
-}
-
-
-def task_for(cfg):
-    """The task class of a recipe's config."""
-    for recipe in RECIPES.values():
-        if type(cfg) is recipe.config:
-            return recipe.task
-    raise TypeError(f"{type(cfg).__name__} is not a recipe's config: use one of "
-                    f"{', '.join(r.config.__name__ for r in RECIPES.values())}")

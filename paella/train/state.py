@@ -8,8 +8,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from ..checkpoint import atomic_write, pickled_objects
 
@@ -60,8 +58,9 @@ def load_weights(model, state, path):
         model.load_state_dict(state)
     except RuntimeError as e:
         detail = ' '.join(str(e).split())[:300]
-        raise ValueError(f"{path} holds a model of another shape than --preset / --model.* make here "
-                         f"(rerun with that run's settings, or choose another --out): {detail}") from None
+        raise ValueError(f"{path} holds a model of another shape than --preset / --model.* make here (finetune: "
+                         f"--base / --rank / --targets; rerun with that run's settings, or choose another --out): "
+                         f"{detail}") from None
 
 
 def check_out(cfg):
@@ -98,21 +97,16 @@ def finish(cfg):
 
 
 def export(run, model_state, ema_state):
-    run.model.save_pretrained(Path(run.cfg.out) / 'model', state_dict=model_state)
+    run.task.export(run.model, Path(run.cfg.out) / 'model', model_state)
     if run.ema is not None:
-        run.ema.save_pretrained(Path(run.cfg.out) / 'ema', state_dict=ema_state)
+        run.task.export(run.ema, Path(run.cfg.out) / 'ema', ema_state)
 
 
 def export_if_stale(run, ck):
     """Write the model folders again where they do not hold the checkpoint ``ck``'s weights."""
-    out, stale = Path(run.cfg.out), []
-    for name in EXPORTS[:2 if run.ema is not None and ck.get('ema') is not None else 1]:
-        try:
-            saved = load_file(str(out / name / 'model.safetensors'))
-        except (OSError, SafetensorError):
-            saved = {}
-        if saved.keys() != ck[name].keys() or any(not torch.equal(saved[k], v.cpu()) for k, v in ck[name].items()):
-            stale.append(name)
+    out = Path(run.cfg.out)
+    stale = [name for name in EXPORTS[:2 if run.ema is not None and ck.get('ema') is not None else 1]
+             if not run.task.exported(out / name, ck[name])]
     if stale:
         print(f"{', '.join(f'{out / n}/' for n in stale)} did not hold step {ck['step']}'s weights: written again")
         export(run, ck['model'], ck.get('ema'))
@@ -146,8 +140,8 @@ def freeze(model, prefixes, what):
     """requires_grad off for the parameters under ``prefixes`` (an error if they name none)."""
     if prefixes and not any(frozen(n, prefixes) for n, _ in model.named_parameters()):
         raise ValueError(f"freeze={prefixes!r} matches no parameter of the {what}")
-    for n, p in model.named_parameters():
-        p.requires_grad_(not frozen(n, prefixes))
+    for n, p in model.named_parameters():       # what a task froze itself (a LoRA run's base) stays frozen
+        p.requires_grad_(p.requires_grad and not frozen(n, prefixes))
     return train_mode(model, prefixes)
 
 
