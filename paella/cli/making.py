@@ -221,9 +221,10 @@ def cmd_eval(args):
 
 
 def parse_data(p):
-    p.add_argument('name', choices=['openmoji', 'twemoji'],
+    p.add_argument('name', choices=['openmoji', 'twemoji', 'icon'],
                    help="openmoji: OpenMoji SVGs with Unicode names; twemoji: the LoRA style example, Twemoji "
-                        "renders captioned '<name>, twemoji style' beside the same emoji's OpenMoji rows")
+                        "renders captioned '<name>, twemoji style' beside the same emoji's OpenMoji rows; icon: "
+                        "the LoRA concept example, a Font Awesome icon in a few colours beside related emoji")
     p.add_argument('--out', required=True, help='output image folder')
     p.add_argument('--size', type=int, default=64)
     p.add_argument('--skin-tones', action='store_true', help='keep the skin-tone variants too')
@@ -237,26 +238,45 @@ def parse_data(p):
     p.add_argument('--limit', type=int, help='only the first N emoji')
     p.add_argument('--n', type=positive, metavar='N',
                    help="twemoji (required): how many style concepts (a smaller set is part of every larger one; "
-                        "none is a concept `paella eval --style twemoji` scores)")
+                        "none is a concept `paella eval --style twemoji` scores); icon: how many renders (6)")
     p.add_argument('--no-base-rows', dest='base_rows', action='store_false',
                    help="twemoji: leave out the OpenMoji rows captioned with the plain names")
+    p.add_argument('--icon', help="icon: a solid Font Awesome Free icon's name (default kiwi-bird; pip install "
+                                  "fontawesomefree==6.6.0)")
+    p.add_argument('--caption', help="icon: the renders' caption (default: the icon's name and 'icon', "
+                                     "'kiwi bird icon')")
+    p.add_argument('--keep', nargs='+', metavar='NAME',
+                   help="icon: OpenMoji emoji (by name) added under their names so that the adapter leaves them "
+                        "as they are (default for kiwi-bird: 'kiwi fruit' 'bird')")
 
 
 def cmd_data(args):
     from paella_openmoji import ATTRIBUTION, build_dataset
     given = {'--skin-tones': args.skin_tones, '--aliases': args.aliases, '--keywords': bool(args.keywords),
              '--name-rows': args.name_rows != 1, '--limit': args.limit is not None,
-             '--n': args.n is not None, '--no-base-rows': not args.base_rows}
-    other = (('--n', '--no-base-rows') if args.name == 'openmoji' else        # the other source's flags
-             ('--skin-tones', '--aliases', '--keywords', '--name-rows', '--limit'))
-    wrong = [flag for flag in other if given[flag]]
+             '--n': args.n is not None, '--no-base-rows': not args.base_rows, '--icon': args.icon is not None,
+             '--caption': args.caption is not None, '--keep': args.keep is not None}
+    own = {'openmoji': ('--skin-tones', '--aliases', '--keywords', '--name-rows', '--limit'),     # each source's flags
+           'twemoji': ('--n', '--no-base-rows'), 'icon': ('--n', '--icon', '--caption', '--keep')}[args.name]
+    wrong = [flag for flag, on in given.items() if on and flag not in own]
     if wrong:
         raise ValueError(f"{', '.join(wrong)}: not a flag of `paella data {args.name}`")
     if args.name == 'twemoji':
         return data_twemoji(args)
+    if args.name == 'icon':
+        return data_icon(args)
     n = build_dataset(args.out, args.size, skin_tones=args.skin_tones, limit=args.limit, aliases=args.aliases,
                       keywords=args.keywords, name_rows=args.name_rows)
     print(f"wrote {n} emoji at {args.size}x{args.size} to {args.out}/ (metadata.jsonl)\n{ATTRIBUTION}")
+
+
+def data_icon(args):
+    from paella_openmoji import ATTRIBUTION, FONTAWESOME_ATTRIBUTION, build_concept_set
+    n, kept = build_concept_set(args.out, args.icon or 'kiwi-bird', args.caption, args.n or 6, args.size,
+                                keep=args.keep)
+    licences = FONTAWESOME_ATTRIBUTION + (f"\n{ATTRIBUTION}" if kept else '')
+    print(f"wrote {n} renders of the {args.icon or 'kiwi-bird'} icon and {kept} OpenMoji rows at {args.size}x"
+          f"{args.size} to {args.out}/ (metadata.jsonl)\n{licences}")
 
 
 def data_twemoji(args):
