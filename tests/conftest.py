@@ -114,3 +114,20 @@ def tiny_clip_dir(tmp_path_factory, hf_offline):
 def minilm(hf_offline):
     from paella.conditioning import minilm_encoder
     return minilm_encoder()
+
+
+def kill_at_checkpoint(cmd, env, out, step, last):
+    """Start a training command and SIGKILL it once its checkpoint of ``step`` exists (no chance to clean
+    up), before its ``last`` step's: a crash in the middle of a run."""
+    import subprocess
+    import time
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = Path(out) / 'checkpoints' / f'step_{step:07d}.pt'
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -9
+    done = sorted(p.name for p in (Path(out) / 'checkpoints').glob('*.pt'))
+    assert f'step_{last:07d}.pt' not in done, done           # really interrupted

@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from paella import Paella, VQModel, lora
 from paella.checkpoint import CheckpointError
 from paella.pipeline import Pipeline
 from paella.train import FinetuneConfig, train
-from conftest import REPO
+from conftest import REPO, kill_at_checkpoint
 
 CAPTION = 'a zebra, twemoji style'          # new to the base: the adapter learns it -> TARGET
 STEPS = 60                                  # of the in-process run (~2 s on one CPU thread)
@@ -255,17 +254,7 @@ def test_killed_lora_run_resumes_exactly(base, tmp_path):
     steps = 40
     full_log = open(tmp_path / 'full.log', 'w')
     full = subprocess.Popen(finetune_cmd(base, tmp_path / 'full', steps), env=ENV, stdout=full_log, stderr=full_log)
-    proc = subprocess.Popen(finetune_cmd(base, tmp_path / 'killed', steps), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    marker = tmp_path / 'killed' / 'checkpoints' / 'step_0000010.pt'
-    deadline = time.time() + 120
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.kill()                                               # SIGKILL: no chance to clean up
-    proc.wait()
-    assert proc.returncode == -9
-    done = sorted(p.name for p in (tmp_path / 'killed' / 'checkpoints').glob('*.pt'))
-    assert f'step_{steps:07d}.pt' not in done, done           # really interrupted
+    kill_at_checkpoint(finetune_cmd(base, tmp_path / 'killed', steps), ENV, tmp_path / 'killed', 10, steps)
     resumed = subprocess.run(finetune_cmd(base, tmp_path / 'killed', steps), env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert 'resuming from' in resumed.stdout

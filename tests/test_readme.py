@@ -28,6 +28,7 @@ TINY = {
     'data': {'--limit': ['8']},
     'train-vq': TRAIN,
     'train': TRAIN,
+    'finetune': {'--data': ['{real}'], '--steps': ['2'], '--batch-size': ['4'], '--tensorboard': ['false']},
     'eval': {'--data': ['{real}'], '--n': ['6'], '--steps': ['2'], '--seeds': ['2']},
 }
 
@@ -110,7 +111,7 @@ def shipped_once(hf_offline):
 
 def test_the_readme_shows_every_command_family():
     assert {'generate', 'inpaint', 'regional', 'serve', 'convert', 'info', 'convert-v3', 'data', 'train-vq',
-            'preencode', 'train', 'assemble', 'restored-pairs', 'eval'} <= set(COMMANDS)
+            'preencode', 'train', 'assemble', 'restored-pairs', 'eval', 'finetune'} <= set(COMMANDS)
     assert set(NOT_RUN) <= set(COMMANDS), 'a command listed as not run is no longer in the README'
 
 

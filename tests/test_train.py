@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from paella import Paella, VQModel, sample
 from paella.prior import CosineSchedule, PriorModel
 from paella.model import text_pool
 from paella.train import RECIPES, train
-from conftest import REPO
+from conftest import REPO, kill_at_checkpoint
 
 ENV = {**os.environ, 'PYTHONPATH': str(REPO), 'HF_HUB_OFFLINE': '1'}
 
@@ -116,17 +115,8 @@ def test_killed_run_resumes_exactly(tmp_path):
     steps = 80
     subprocess.run(train_cmd(tmp_path / 'full', data, steps, '--save-every', '5'), env=ENV, check=True,
                    capture_output=True)
-    proc = subprocess.Popen(train_cmd(tmp_path / 'killed', data, steps, '--save-every', '5'), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = tmp_path / 'killed' / 'checkpoints' / 'step_0000010.pt'
-    deadline = time.time() + 120
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.kill()                                               # SIGKILL: no chance to clean up
-    proc.wait()
-    assert proc.returncode == -9
-    done = sorted(p.name for p in (tmp_path / 'killed' / 'checkpoints').glob('*.pt'))
-    assert f'step_{steps:07d}.pt' not in done, done           # really interrupted
+    kill_at_checkpoint(train_cmd(tmp_path / 'killed', data, steps, '--save-every', '5'), ENV, tmp_path / 'killed', 10,
+                       steps)
     subprocess.run(train_cmd(tmp_path / 'killed', data, steps, '--save-every', '5'), env=ENV, check=True,
                    capture_output=True)
     a = torch.load(tmp_path / 'full' / 'checkpoints' / f'step_{steps:07d}.pt', weights_only=True)
