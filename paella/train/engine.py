@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 
 from ..data import StepSampler, collate
-from . import distributed, state
 from ..model import PaellaConfig
 from ..prior import PriorConfig
 from ..vq import VQConfig
+from . import distributed, state
 from .config import lr_factor
 from .finetune import FinetuneConfig, FinetuneTask
 from .log import Logger
