@@ -138,7 +138,6 @@ def load(model, folder, name, scale=1.0):
     if missing or result.unexpected_keys:
         raise CheckpointError(f"{folder} does not fit its own targets: missing {missing[:3]}, unexpected "
                               f"{list(result.unexpected_keys)[:3]}")
-    model.requires_grad_(False)
     for layer in layers(model):
         if name in layer.lora_A:
             layer.set_scale(name, scale)

@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from .. import lora
 from ..model import Paella
-from .recipes import GeneratorConfig, GeneratorTask, same_tensors
+from .recipes import GeneratorConfig, GeneratorTask
 
 
 @dataclass
@@ -86,9 +84,7 @@ class FinetuneTask(GeneratorTask):
     def export(self, model, folder, state_dict):
         lora.save(folder, self.lora, state_dict)
 
-    def exported(self, folder, state_dict):
-        try:
-            saved = load_file(str(Path(folder) / lora.ADAPTER_WEIGHTS))
-        except (OSError, SafetensorError):
-            return False
-        return same_tensors(saved, {k: v.float() for k, v in lora.adapter_state(state_dict).items()})
+    export_file = lora.ADAPTER_WEIGHTS
+
+    def export_state(self, state_dict):
+        return {k: v.float() for k, v in lora.adapter_state(state_dict).items()}

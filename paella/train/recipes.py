@@ -81,10 +81,6 @@ def image_dataset(cfg):
     return ImageFolder(cfg.data, cfg.image_size, seed=cfg.seed)
 
 
-def same_tensors(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k].cpu()) for k in a)
-
-
 def on(device, *tensors):
     return [None if x is None else x.to(device) for x in tensors]
 
@@ -105,13 +101,20 @@ class Task:
         """Write a model folder of ``state_dict`` (the run's weights or their EMA)."""
         model.save_pretrained(folder, state_dict=state_dict)
 
+    export_file = 'model.safetensors'     # the tensors file `export` writes
+
+    def export_state(self, state_dict):
+        """The tensors `export` writes into `export_file` of a run's ``state_dict``."""
+        return state_dict
+
     def exported(self, folder, state_dict):
         """Whether ``folder`` holds what `export` writes of ``state_dict``."""
         try:
-            saved = load_file(str(Path(folder) / 'model.safetensors'))
+            saved = load_file(str(Path(folder) / self.export_file))
         except (OSError, SafetensorError):
             return False
-        return same_tensors(saved, state_dict)
+        mine = self.export_state(state_dict)
+        return saved.keys() == mine.keys() and all(torch.equal(saved[k], mine[k].cpu()) for k in saved)
 
 
 class GeneratorTask(Task):

@@ -63,13 +63,6 @@ def recolour(svg, colour, size, scale=0.8, dx=0.0, dy=0.0):
             f'fill="{colour}">{body}</svg></svg>')
 
 
-def render_svg(svg, size):
-    """PNG bytes of SVG text at size x size on white (as `dataset.render` does for a file)."""
-    import resvg_py
-    return bytes(resvg_py.svg_to_bytes(svg_string=svg, width=size, height=size, background='#ffffff',
-                                       skip_system_fonts=True))
-
-
 def _openmoji(names):
     """{name: (svg path, emoji)} of OpenMoji emoji by their `paella data openmoji` caption."""
     found = {name: (svg, emoji) for svg, name, emoji, *_ in catalogue() if name in names}
@@ -102,7 +95,8 @@ def build_concept_set(out, icon='kiwi-bird', caption=None, n=6, size=64, seed=0,
         scale = rng.uniform(0.72, 0.88)
         dx, dy = (rng.uniform(-1, 1) * (1 - scale) / 3 for _ in range(2))
         file_name = f'{icon}-{i}.png'
-        (out / file_name).write_bytes(render_svg(recolour(svg, PALETTE[i % len(PALETTE)], size, scale, dx, dy), size))
+        (out / file_name).write_bytes(render(recolour(svg, PALETTE[i % len(PALETTE)], size, scale, dx, dy), size,
+                                                  text=True))
         rows.append({'file_name': file_name, 'text': caption, 'source': 'fontawesome'})
     for name in keep:
         path, char = emoji[name]

@@ -118,10 +118,11 @@ def keyword_captions(emoji, keywords, counts, seed=0):
     return rare + pairs
 
 
-def render(svg, size):
-    """PNG bytes of an SVG rendered at size x size on white."""
+def render(svg, size, text=False):
+    """PNG bytes of an SVG file (``text``: of SVG text) rendered at size x size on white."""
     import resvg_py
-    return bytes(resvg_py.svg_to_bytes(svg_path=str(svg), width=size, height=size, background='#ffffff',
+    source = {'svg_string': svg} if text else {'svg_path': str(svg)}
+    return bytes(resvg_py.svg_to_bytes(**source, width=size, height=size, background='#ffffff',
                                        skip_system_fonts=True))
 
 

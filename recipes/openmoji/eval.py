@@ -89,6 +89,15 @@ def real_set_psnr(pipe, real):
     return dict(zip(real, reconstruction_psnr(pipe, list(real.values()))))
 
 
+def generate(pipe, prompts, seed, batch, overrides):
+    """Images for the prompts in batches, batch i seeded ``seed + i * batch`` (a prompt's image does not
+    depend on the other prompts of the list beyond its batch)."""
+    images = []
+    for lo in range(0, len(prompts), batch):
+        images += pipe(prompts[lo:lo + batch], seed=seed + lo, **overrides)
+    return images
+
+
 def evaluate(pipe, folder, n=200, seed=0, batch=16, recon=None, **overrides):
     """The report (a dict) for pipeline ``pipe`` against the real renders in ``folder``. ``recon``: the
     folder's `real_set_psnr`, when several reports share it (it does not depend on the seed)."""
@@ -102,13 +111,8 @@ def evaluate(pipe, folder, n=200, seed=0, batch=16, recon=None, **overrides):
     index = {name: i for i, name in enumerate(names)}
     real_feats = features([real[name] for name in names])
 
-    def generate(prompts):
-        images = []
-        for lo in range(0, len(prompts), batch):
-            images += pipe(prompts[lo:lo + batch], seed=seed + lo, **overrides)
-        return images
-    gen = generate(names)
-    para = generate([p for p, _ in paraphrases])
+    gen = generate(pipe, names, seed, batch, overrides)
+    para = generate(pipe, [p for p, _ in paraphrases], seed, batch, overrides)
     gen_feats = features(gen)
     top1, top5 = retrieval(gen_feats, real_feats, list(range(len(names))))
     p1, p5 = retrieval(features(para), real_feats, [index[t] for _, t in paraphrases])

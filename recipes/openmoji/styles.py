@@ -131,14 +131,6 @@ def _openmoji_renders(concepts, data, size):
     return [real[c.name] for c in concepts]
 
 
-def _generate(pipe, prompts, seed, batch, overrides):
-    """Images for the prompts in batches, batch i seeded ``seed + i * batch`` (as `eval.evaluate` does)."""
-    images = []
-    for lo in range(0, len(prompts), batch):
-        images += pipe(prompts[lo:lo + batch], seed=seed + lo, **overrides)
-    return images
-
-
 def _nearer(gen_feats, style_feats, base_feats):
     """(how many generations are nearer to their style render than to their base render, mean margin)."""
     margin = (gen_feats - base_feats).norm(dim=1) - (gen_feats - style_feats).norm(dim=1)  # > 0: nearer the style
@@ -165,7 +157,7 @@ def style_report(pipe, data=None, seed=0, seeds=1, style='twemoji', n=HELD_OUT, 
 def _style_lines(pipe, data, seed, seeds, style, n, batch, overrides):
     from paella.evaluate import features, retrieval
 
-    from .eval import summarize
+    from .eval import generate, summarize
     concepts = held_out(style_concepts())[:n]
     base = _openmoji_renders(concepts, data, pipe.image_size[0])
     # the style renders at the base renders' size, once for every seed
@@ -173,8 +165,8 @@ def _style_lines(pipe, data, seed, seeds, style, n, batch, overrides):
     base_feats = features(base)
     reports = []
     for s in range(seed, seed + seeds):
-        styled = features(_generate(pipe, [caption(c.name, style) for c in concepts], s, batch, overrides))
-        plain = features(_generate(pipe, [c.name for c in concepts], s, batch, overrides))
+        styled = features(generate(pipe, [caption(c.name, style) for c in concepts], s, batch, overrides))
+        plain = features(generate(pipe, [c.name for c in concepts], s, batch, overrides))
         wins, margin = _nearer(styled, style_feats, base_feats)
         # nearer the style is not enough: a style render of another concept often is too, so also whether
         # the generation is nearest to its own concept's style render among the n (chance 1/n, 5/n)
