@@ -21,14 +21,15 @@ def lora_spec(text):
     """'PATH' or 'PATH:SCALE' -> (path, scale), checked before any model loads; a folder whose name ends in
     ':<not a number>' stays a path."""
     from ..lora import check_folder
-    path, _, scale = text.rpartition(':')
+    path, _, tail = text.rpartition(':')
     try:
-        path, scale = (path, checks.number(float(scale), 'LoRA scale', -100, 100)) if path else (text, 1.0)
-    except ValueError as e:
-        if 'LoRA scale' in str(e):
-            raise argparse.ArgumentTypeError(str(e)) from None
+        scale = float(tail) if path else None
+    except ValueError:
+        scale = None
+    if scale is None:
         path, scale = text, 1.0
     try:
+        scale = checks.number(scale, 'LoRA scale', -100, 100)
         check_folder(path)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
