@@ -17,6 +17,7 @@ fraction of tokens equal to the reference's (same seed; `default` draws its rand
 so its agreement is that of two independent samples).
 
     python benchmarks/sample_speed.py                 # default model (batch 1, 8) + 114M at 32x32 (batch 2)
+    python benchmarks/sample_speed.py --cases steps   # the shipped settings against 12 published steps
     python benchmarks/sample_speed.py --cases v3 --device cuda --compile    # the v3 config on a GPU
 """
 import argparse
@@ -118,6 +119,44 @@ def default_model_case(batch, device, repeats, peaks, compile_):
                     repeats, peaks, VARIANTS, compile_)
 
 
+def steps_case(batch, device, repeats):
+    """The shipped pipeline as it loads, its own settings (steps, re-noising rule) against the 12-step
+    published-rule settings it shipped with before, same weights, prompts and draw: the speed-up of the
+    fewer-step default."""
+    from paella import sample
+    from paella.pipeline import Pipeline
+    pipe = Pipeline.from_pretrained(device=device)
+    s = pipe.settings
+    prompts = ['red apple', 'fire engine', 'grinning face', 'rocket', 'pizza', 'ghost', 'rainbow', 'snowman']
+    cond, uncond, _ = pipe.conditions((prompts * batch)[:batch])
+    common = dict(mode=s.mode, batch_cfg=s.batch_cfg, cache=s.cache)
+    cases = {'12_steps_random': dict(steps=12, renoise_steps=11, renoise_rule='random', temperature=(0.7, 0.05),
+                                     cfg=(3.0, 1.25)),
+             f'{s.steps}_steps_{s.renoise_rule}': dict(steps=s.steps, renoise_steps=s.renoise_steps,
+                                                      renoise_rule=s.renoise_rule, temperature=s.temperature,
+                                                      cfg=s.cfg)}
+    rows = []
+    for name, settings in cases.items():
+        run = lambda: sample(pipe.runner, cond, (batch, *s.latent_size), uncond, **settings, **common,
+                             generator=torch.Generator(device).manual_seed(0))
+        run()                                           # warm-up
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        row = {'case': 'default_steps', 'variant': name, 'batch': batch, 'steps': settings['steps'],
+               'renoise_rule': settings['renoise_rule'], 'dtype': str(next(pipe.generator.parameters()).dtype)[6:],
+               'ms_per_image': round(min(times) / batch * 1000, 1)}
+        if rows:
+            row['speedup'] = round(rows[0]['ms_per_image'] / row['ms_per_image'], 2)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def random_model_case(name, preset, tokens, batch, text_len, device, repeats, peaks, compile_, variants=VARIANTS):
     """A model of ``preset`` with seeded random weights; random text states, zeros for the unconditional
     branch (as the published sampler does)."""
@@ -134,7 +173,7 @@ def random_model_case(name, preset, tokens, batch, text_len, device, repeats, pe
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--cases', default='default,base', help='comma-separated: default, base, v3')
+    p.add_argument('--cases', default='default,steps,base', help='comma-separated: default, steps, base, v3')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--compile', action='store_true', help='also time the default variant under torch.compile')
@@ -152,6 +191,9 @@ def main():
     if 'default' in cases:
         for batch in (int(b) for b in args.batches.split(',')):
             default_model_case(batch, device, args.repeats, peaks, args.compile)
+    if 'steps' in cases:      # the shipped settings against the 12-step published rule
+        for batch in (int(b) for b in args.batches.split(',')):
+            steps_case(batch, device, args.repeats)
     if 'base' in cases:       # 115M parameters (preset 'base'), 32x32 tokens, batch 2, CFG
         random_model_case('base_114M_32x32', 'base', 32, 2, 77, device, args.repeats, peaks, args.compile)
     if 'v3' in cases:

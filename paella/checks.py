@@ -25,7 +25,7 @@ class Caps:
 
 
 SEED_MAX = 2 ** 63 - 1      # torch takes 64 bits; JSON clients (and the server) stop at signed 64
-RENOISE_RULES = ('random', 'confidence', 'halton')   # paella.renoise.RULES (this module imports no torch)
+RENOISE_RULES = ('random', 'confidence', 'halton', 'critic')   # paella.renoise.RULES (this module imports no torch)
 
 
 def is_number(value):

@@ -93,6 +93,11 @@ class Guided:
             cond, uncond = self.model(x, t, **self.cond, **self.extra), self.model(x, t, **self.uncond)
         return _guide(cond, uncond, self.cfgs[i].item(), exact=self.exact)
 
+    def critic(self, x, t):
+        """The model's noise-detection logits (B, H, W) for tokens x at levels t: the conditional branch
+        alone (the head judges whether a token fits the picture the prompt asks for)."""
+        return self.model(x, t, **self.cond, **self.extra, critic=True)[1].float()
+
 
 def v3_attn_weights(text_length, text_weight=1.2, image_weight=0.4):
     """The published demo's weights: a vector as long as the ByT5 sequence L, applied to the last L
@@ -105,14 +110,21 @@ def v3_attn_weights(text_length, text_weight=1.2, image_weight=0.4):
 class RegionalModel:
     """Wraps a Paella model so that a ``regions`` input (R, 1, 1, H, W) of blend weights makes one forward
     over R stacked conditions (inputs of batch R*B, region-major) and blends their logits; without
-    ``regions`` (the unconditional branch) it is the model itself."""
+    ``regions`` (the unconditional branch) it is the model itself. With ``critic=True`` the noise-detection
+    logits are blended by the same weights (the model's head, if it has one, serves the 'critic' rule)."""
 
     def __init__(self, model):
         self.model, self.num_labels = model, model.num_labels
+        self.critic = getattr(model, 'critic', None)
 
-    def __call__(self, x, r, regions=None, **inputs):
+    def __call__(self, x, r, regions=None, critic=False, **inputs):
+        head = {'critic': True} if critic else {}
         if regions is None:
-            return self.model(x, r, **inputs)
+            return self.model(x, r, **inputs, **head)
         n = regions.shape[0]
-        logits = self.model(x.repeat(n, 1, 1), r.repeat(n), **inputs)           # (R*B, C, H, W)
-        return (logits.unflatten(0, (n, -1)) * regions.to(logits.dtype)).sum(0)  # (B, C, H, W)
+        out = self.model(x.repeat(n, 1, 1), r.repeat(n), **inputs, **head)      # (R*B, C, H, W) [, (R*B, H, W)]
+        logits, noise = out if critic else (out, None)
+        logits = (logits.unflatten(0, (n, -1)) * regions.to(logits.dtype)).sum(0)              # (B, C, H, W)
+        if not critic:
+            return logits
+        return logits, (noise.unflatten(0, (n, -1)) * regions[:, :, 0].to(noise.dtype)).sum(0)  # (B, H, W)

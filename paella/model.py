@@ -40,6 +40,8 @@ class PaellaConfig:
     self_attn: bool = True          # attention keys include the image positions themselves
     pooled_text: bool = False       # without a CLIP text embedding, feed clip_mapper the text states' mean
                                     # (L2-normalised: MiniLM's sentence embedding); needs clip_embd == byt5_embd
+    critic: bool = False            # a noise-detection head: one logit per position, "this input token was
+                                    # replaced by noise" (Token-Critic's question; the `critic` re-noising rule)
 
 
 # Size presets: keyword arguments over the published defaults.
@@ -146,6 +148,8 @@ class Paella(Pretrained, nn.Module, config_class=PaellaConfig, presets=PRESETS, 
         self.out_mapper = nn.Sequential(
             LayerNorm2d(cfg.c_out, elementwise_affine=False, eps=1e-6),
             nn.Conv2d(cfg.c_out, cfg.num_labels, kernel_size=1, bias=False))
+        # 1x1 on the normalised last features (B, c_out, H, W) -> (B, 1, H, W); absent from published models
+        self.critic = nn.Conv2d(cfg.c_out, 1, kernel_size=1) if cfg.critic else None
         self.out_mapper_published = False
         self._init_weights()
 
@@ -243,9 +247,12 @@ class Paella(Pretrained, nn.Module, config_class=PaellaConfig, presets=PRESETS, 
         c_embed = self.gen_c_embeddings(byt5, clip, clip_image)     # (B, Lc, c_cond)
         return {'cache': [m.cond_kv(c_embed) for m in self.modules() if isinstance(m, AttnBlock)]}
 
-    def forward(self, x, r, byt5=None, clip=None, clip_image=None, attn_weights=None, cache=None):
+    def forward(self, x, r, byt5=None, clip=None, clip_image=None, attn_weights=None, cache=None, critic=False):
         """attn_weights (Lc,) or (B, Lc): factors for the attention probabilities of the last Lc
-        conditioning keys. cache: from `prepare`, instead of byt5 / clip / clip_image."""
+        conditioning keys. cache: from `prepare`, instead of byt5 / clip / clip_image. critic: return
+        (logits, noise logits (B, H, W)), the head's "this input token is noise" (needs ``config.critic``)."""
+        if critic and self.critic is None:
+            raise ValueError("this model has no noise-detection head (config.critic is False)")
         if cache is None:
             self.check_inputs(x, r, byt5, clip, clip_image)
             c_embed, cached = self.gen_c_embeddings(byt5, clip, clip_image), None     # (B, Lc, c_cond)
@@ -262,7 +269,10 @@ class Paella(Pretrained, nn.Module, config_class=PaellaConfig, presets=PRESETS, 
         for i, level in enumerate(self.up_blocks):
             x = self._blocks(level, x, r_embed, c_embed, skip=level_outputs[i] if i > 0 else None,
                              key_weights=attn_weights, cached=cached)
-        return self.logits(self.clf(x))                             # (B, num_labels, H, W)
+        x = self.clf(x)                                             # (B, c_out, H, W)
+        if critic:
+            return self.logits(x), self.critic(self.out_mapper[0](x))[:, 0]
+        return self.logits(x)                                       # (B, num_labels, H, W)
 
     def logits(self, x):
         """out_mapper (LayerNorm2d + 1x1 conv) as published; else as a linear layer on channels-last

@@ -56,6 +56,12 @@ class Pipeline:
         return next(self.generator.parameters()).device
 
     @property
+    def renoise_rules(self):
+        """The re-noising rules this generator can run: 'critic' only with a noise-detection head."""
+        head = getattr(getattr(self.generator, 'config', None), 'critic', False)
+        return tuple(r for r in checks.RENOISE_RULES if head or r != 'critic')
+
+    @property
     def pixel_multiple(self):
         """Image sides must be multiples of this: the VQGAN's downsampling x the U-Net's."""
         return self.vqgan.downsampling * self.generator.downsampling

@@ -7,8 +7,8 @@ A rule picks the positions. Every rule has one signature::
 logits (B, C, H, W): the step's guided logits at the step's temperature, i.e. the distribution ``tokens``
 (B, H, W) were drawn from (before the top_k / typical filters); t_next (B,): the next step's noise level;
 where (B, H, W) bool: the positions being generated (the sampler's ``mask``; None: all of them), the only
-ones a rule counts; noise_logits (B, H, W): a model head's per-position "this token is noise" logits, for a
-critic rule (Token-Critic; no model has that head yet, so the sampler passes None). A rule reads what it needs.
+ones a rule counts; noise_logits (B, H, W): the model's noise-detection head on the drawn tokens (its
+"this token is noise" logits), computed only for the rule that reads them. A rule reads what it needs.
 
 - ``random`` (the published rule): each position with probability t_next, drawn as `add_noise` draws it.
 - ``confidence`` (MaskGIT's): the round(t_next * n) positions whose drawn token had the lowest probability,
@@ -16,6 +16,10 @@ critic rule (Token-Critic; no model has that head yet, so the sampler passes Non
 - ``halton`` (Halton-MaskGIT, Besnier et al., ICLR 2025): a fixed, spatially spread order over the grid,
   the 2-D Halton sequence (rows in base 2, columns in base 3); the first n - round(t_next * n) generated
   positions of that order are kept, the rest re-noised, so the kept set only grows from step to step.
+- ``critic`` (Token-Critic, Lezama et al. 2022): the round(t_next * n) positions the model's noise-detection
+  head (``Paella(critic=True)``) rates most likely noise, asked of the drawn grid at level t_next: one more
+  forward per step, conditional branch only. The head learnt its question for free in training (the trainer
+  knows which positions it replaced: ``--critic-weight``).
 
 What replaces the chosen tokens is ``renoise_mode``'s: the initial noise tokens ('start', published), the
 step's input tokens ('prev') or fresh random ones ('rand').
@@ -48,8 +52,12 @@ def halton_rule(logits, tokens, t_next, generator, *, where=None, noise_logits=N
     return lowest(later.expand(b, h, w), t_next, where)
 
 
-# name -> rule; a 'critic' rule (coming with the model head) will be lowest(-noise_logits, t_next, where)
-RULES = {'random': random_rule, 'confidence': confidence_rule, 'halton': halton_rule}
+def critic_rule(logits, tokens, t_next, generator, *, where=None, noise_logits=None):
+    """The positions the noise-detection head rates most likely noise."""
+    return lowest(-noise_logits.float(), t_next, where)
+
+
+RULES = {'random': random_rule, 'confidence': confidence_rule, 'halton': halton_rule, 'critic': critic_rule}
 SCALED = {'confidence'}        # the rules that read the logits: the others skip a pass over (B, C, H, W)
 
 
@@ -95,16 +103,18 @@ def _scaled_radical_inverse(i, base, size):
     return num * size // base ** digits
 
 
-def renoiser(rule, renoise_mode, temperatures, init_noise, num_labels, where=None, generator=None):
+def renoiser(rule, renoise_mode, temperatures, init_noise, num_labels, where=None, generator=None, critic=None):
     """The re-noising step: ``renoise(logits, tokens, prev, t_next, i)`` -> the next step's input (B, H, W),
     ``rule``'s positions replaced by ``renoise_mode``'s tokens. logits (B, C, H, W): step i's guided logits,
-    scaled here by ``temperatures[i]`` for the rules that read them; prev: step i's input tokens."""
+    scaled here by ``temperatures[i]`` for the rules that read them; prev: step i's input tokens.
+    critic(tokens, t) -> noise logits (B, H, W): the model's head, for the 'critic' rule."""
     choose = RULES[rule]
 
     def renoise(logits, tokens, prev, t_next, i):
         if rule in SCALED:
             logits = logits.float() / temperatures[i]
-        chosen = choose(logits, tokens, t_next, generator, where=where)
+        noise_logits = critic(tokens, t_next) if rule == 'critic' else None
+        chosen = choose(logits, tokens, t_next, generator, where=where, noise_logits=noise_logits)
         random_x = {'start': init_noise, 'prev': prev, 'rand': None}[renoise_mode]
         return add_noise(tokens, t_next, num_labels, mask=chosen.long(), random_x=random_x, generator=generator)[0]
     return renoise

@@ -95,7 +95,9 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
         each with probability t_next), 'confidence' (the round(t_next * H * W) least probable drawn tokens
         under the step's guided distribution at its temperature) or 'halton' (all but the first
         (1 - t_next) * H * W positions of a spatially spread Halton order over the grid; the kept set only
-        grows). With a ``mask``, the counts are of the masked positions.
+        grows) or 'critic' (the round(t_next * H * W) positions the model's noise-detection head rates most
+        likely noise, on the drawn grid: one more conditional forward per step; needs ``config.critic``).
+        With a ``mask``, the counts are of the masked positions.
     renoise_mode: what replaces them: the initial random tokens ('start', v3), this step's input ('prev'), or
         fresh random tokens ('rand').
     typical_mass / typical_min_tokens, top_k: optional filters on the guided logits.
@@ -122,7 +124,7 @@ def sample(model, model_inputs, latent_shape=None, unconditional_inputs=None, *,
     init_noise = torch.randint(0, model.num_labels, latent_shape, device=device, generator=generator)
     # argmax draws read no temperature (it may be 0): confidence then ranks under the logits' own softmax
     renoise = renoiser(renoise_rule, renoise_mode, schedule(1.0 if mode == 'argmax' else temperature, steps),
-                       init_noise, model.num_labels, mask, generator)
+                       init_noise, model.num_labels, mask, generator, critic=guided.critic)
 
     def keep(x):                                       # positions outside the mask stay init_x's
         return x if mask is None else torch.where(mask, x, init_x)
@@ -159,6 +161,9 @@ def check_arguments(model, latent_shape, steps, mode, renoise_mode, codebook, in
         raise ValueError(f"renoise_mode must be one of {RENOISE_MODES}, got {renoise_mode!r}")
     if renoise_rule not in RENOISE_RULES:
         raise ValueError(f"renoise_rule must be one of {RENOISE_RULES}, got {renoise_rule!r}")
+    if renoise_rule == 'critic' and getattr(model, 'critic', None) is None:
+        raise ValueError("renoise_rule 'critic' needs a model with a noise-detection head (Paella config.critic; "
+                         "trained with --critic-weight)")
     if (mode == 'quant' or quant_steps is not None) and codebook is None:
         raise ValueError("mode='quant' and sampling_quant_steps need the VQGAN codebook: "
                          "codebook=vq.vquantizer.codebook.weight")

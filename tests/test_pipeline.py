@@ -167,3 +167,12 @@ def test_assemble_rebuilds_the_shipped_pipeline(tmp_path, hf_offline):
     assert small.settings == Settings(latent_size=(8, 8), steps=4)
     with pytest.raises(ValueError, match="unknown setting 'stepz'; settings: latent_size, steps"):
         Pipeline.assemble(tmp_path / 'gen', tmp_path / 'vq', stepz=3)
+
+
+def test_critic_is_offered_only_with_a_head(pipe):
+    from paella.serve.limits import BadRequest, Fields, Limits
+    assert pipe.renoise_rules == ('random', 'confidence', 'halton')      # the published v3 has no head
+    with pytest.raises(ValueError, match="'critic' needs a model with a noise-detection head"):
+        pipe('a', renoise_rule='critic', **FAST)
+    with pytest.raises(BadRequest, match="renoise must be one of random, confidence, halton, got 'critic'"):
+        Fields(Limits(), pipe.renoise_rules).sampling({'renoise': 'critic'})

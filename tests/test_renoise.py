@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from paella import checks, sample
-from paella.renoise import RULES, confidence_rule, halton_order, halton_rule, lowest, random_rule
+from paella.renoise import RULES, confidence_rule, critic_rule, halton_order, halton_rule, lowest, random_rule
 from paella.sampler import RENOISE_RULES
 from paella.settings import Settings
 
@@ -37,12 +37,18 @@ def grid(positions, shape=(4, 4)):
 
 
 class Fixed:
-    """A stand-in generator: the same logits (1, K, H, W) whatever its input; records each step's input."""
+    """A stand-in generator: the same logits (1, K, H, W) whatever its input; records each step's input.
+    Its noise-detection head rates -SCORES (the least probable drawn token the most likely noise) and
+    records what it was asked: (tokens, t)."""
 
     def __init__(self, logits):
-        self.logits, self.num_labels, self.inputs = logits, logits.shape[1], []
+        self.logits, self.num_labels, self.inputs, self.asked = logits, logits.shape[1], [], []
+        self.critic = True
 
-    def __call__(self, x, t, **inputs):
+    def __call__(self, x, t, critic=False, **inputs):
+        if critic:
+            self.asked.append((x.clone(), t.clone()))
+            return self.logits.expand(len(x), -1, -1, -1), -torch.tensor(SCORES, dtype=torch.float32).expand(len(x), -1, -1)
         self.inputs.append(x.clone())
         return self.logits.expand(len(x), -1, -1, -1)
 
@@ -58,7 +64,7 @@ def expected_masks(rule):
     """The positions ``rule`` re-noises after each of the 4 steps on 4x4, by hand (random: None)."""
     if rule == 'halton':            # keeps the first 4, 8, 12 of the order
         return [~grid(HALTON_4x4[:k]) for k in (4, 8, 12)]
-    if rule == 'confidence':        # re-noises the 12, 8, 4 least probable
+    if rule in ('confidence', 'critic'):     # re-noises the 12, 8, 4 least probable / most likely noise
         return [grid(CONFIDENCE_LOWEST[:k]) for k in (12, 8, 4)]
     return None
 
@@ -93,7 +99,7 @@ def test_halton_order_of_a_4x4_grid_by_hand():
     assert halton_order(2, 3).tolist() == [[5, 3, 1], [2, 0, 4]]
 
 
-@pytest.mark.parametrize('rule', ['halton', 'confidence'])
+@pytest.mark.parametrize('rule', ['halton', 'confidence', 'critic'])
 @pytest.mark.parametrize('renoise_mode', ['start', 'prev', 'rand'])
 def test_each_rule_renoises_exactly_the_expected_positions(rule, renoise_mode):
     """Through `sample`: each step's input is the drawn token where kept and renoise_mode's token where the
@@ -109,6 +115,18 @@ def test_each_rule_renoises_exactly_the_expected_positions(rule, renoise_mode):
 def test_random_rule_draws_as_the_published_loop(renoise_mode):
     inputs, _ = run_fixed('random', renoise_mode, seed=5)
     assert all(map(torch.equal, inputs, replay('random', renoise_mode, seed=5)))
+
+
+def test_critic_asks_the_head_about_the_drawn_grid_at_the_next_level():
+    model = Fixed(crafted())
+    sample(model, {}, (2, 4, 4), cfg=None, steps=4, mode='argmax', renoise_rule='critic',
+           generator=torch.Generator().manual_seed(0))
+    assert len(model.asked) == 3                               # after every step but the last
+    assert all((x == DRAWN).all() for x, _ in model.asked)     # the drawn grid, before re-noising
+    assert [t.tolist() for _, t in model.asked] == [[t, t] for t in T_NEXT]
+    other = Fixed(crafted())
+    sample(other, {}, (2, 4, 4), cfg=None, steps=4, mode='argmax', renoise_rule='confidence')
+    assert other.asked == []
 
 
 def test_halton_keeps_what_it_kept():
@@ -130,6 +148,9 @@ def test_rules_on_one_step_by_hand():
     assert torch.equal(chosen[0], grid(CONFIDENCE_LOWEST[:4])) and torch.equal(chosen[1], grid(CONFIDENCE_LOWEST[:8]))
     chosen = halton_rule(logits, tokens, t, None)
     assert torch.equal(chosen[0], ~grid(HALTON_4x4[:12])) and torch.equal(chosen[1], ~grid(HALTON_4x4[:8]))
+    noise = -torch.tensor(SCORES, dtype=torch.float32).expand(2, -1, -1)    # the head: high = noise
+    chosen = critic_rule(None, tokens, t, None, noise_logits=noise)
+    assert torch.equal(chosen[0], grid(CONFIDENCE_LOWEST[:4])) and torch.equal(chosen[1], grid(CONFIDENCE_LOWEST[:8]))
     ties = lowest(torch.zeros(1, 4, 4), torch.tensor([0.25]))
     assert torch.equal(ties[0], grid([(0, 0), (0, 1), (0, 2), (0, 3)]))
     assert int(lowest(torch.zeros(1, 4, 4), torch.tensor([0.3]))[0].sum()) == 5      # round(4.8), not floor
@@ -187,13 +208,22 @@ def test_random_is_the_default_and_gives_the_published_tokens(tiny_paella, paell
                     temperature=(1.0, 0.2), cfg=4.0, mode='multinomial', renoise_rule='random')
     assert torch.equal(tokens, exp['sampled_seed42'])
     assert Settings().renoise_rule == Settings.v3().renoise_rule == 'random'
-    assert RENOISE_RULES == tuple(RULES) == checks.RENOISE_RULES == ('random', 'confidence', 'halton')
+    assert RENOISE_RULES == tuple(RULES) == checks.RENOISE_RULES == ('random', 'confidence', 'halton', 'critic')
+
+
+@pytest.fixture
+def tiny_critic(tiny_paella):
+    """The fixture's tiny model with a (random) noise-detection head."""
+    from paella import Paella
+    model = Paella(Paella.make_config('tiny', **{**tiny_paella.config_dict(), 'critic': True})).eval()
+    model.load_state_dict(tiny_paella.state_dict(), strict=False)
+    return model
 
 
 @pytest.mark.parametrize('rule', RENOISE_RULES)
-def test_each_rule_is_seeded_reproducible(tiny_paella, conds, rule):
+def test_each_rule_is_seeded_reproducible(tiny_critic, conds, rule):
     def run(seed, r=rule):
-        return sample(tiny_paella, conds[0], (2, 16, 16), conds[1], steps=4, cfg=3.0, renoise_rule=r,
+        return sample(tiny_critic, conds[0], (2, 16, 16), conds[1], steps=4, cfg=3.0, renoise_rule=r,
                       generator=torch.Generator().manual_seed(seed))
     a = run(1)
     assert torch.equal(a, run(1)) and not torch.equal(a, run(2))
@@ -201,13 +231,15 @@ def test_each_rule_is_seeded_reproducible(tiny_paella, conds, rule):
 
 
 def test_an_unknown_rule_is_named_with_the_choices(tiny_paella, conds):
-    with pytest.raises(ValueError, match=r"renoise_rule must be one of \('random', 'confidence', 'halton'\), "
-                                         r"got 'best'"):
+    with pytest.raises(ValueError, match=r"renoise_rule must be one of \('random', 'confidence', 'halton', "
+                                         r"'critic'\), got 'best'"):
         sample(tiny_paella, conds[0], (1, 16, 16), steps=2, renoise_rule='best')
-    with pytest.raises(ValueError, match="renoise_rule must be one of random, confidence, halton, got 'best'"):
+    with pytest.raises(ValueError, match="needs a model with a noise-detection head"):
+        sample(tiny_paella, conds[0], (1, 16, 16), steps=2, renoise_rule='critic')
+    with pytest.raises(ValueError, match="renoise_rule must be one of random, confidence, halton, critic, got 'best'"):
         checks.settings(Settings(renoise_rule='best'), checks.Caps())
     from paella.serve.limits import BadRequest, Fields, Limits
-    with pytest.raises(BadRequest, match="renoise must be one of random, confidence, halton, got 'best'"):
+    with pytest.raises(BadRequest, match="renoise must be one of random, confidence, halton, critic, got 'best'"):
         Fields(Limits()).sampling({'renoise': 'best'})
     assert Fields(Limits()).sampling({'renoise': 'halton'})['renoise_rule'] == 'halton'
     assert 'renoise_rule' not in Fields(Limits()).sampling({})                  # not given: the model's
@@ -224,4 +256,4 @@ def test_renoise_flag_reaches_the_sampler(argv, tmp_path, monkeypatch, hf_offlin
     argv = [a.format(apple=tmp_path / 'apple.png') for a in argv]
     assert main(argv + ['--renoise', 'halton', '--steps', '2', '-o', str(tmp_path / 'out.png')]) == 0
     assert main(argv + ['--steps', '1', '-o', str(tmp_path / 'out.png')]) == 0
-    assert seen == ['halton', 'random']
+    assert seen == ['halton', 'critic']                         # not given: the shipped model's own rule

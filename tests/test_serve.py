@@ -39,12 +39,12 @@ def test_cfg_takes_a_number_or_a_start_end_schedule(server):
 
 def test_renoise_picks_the_rule(server):
     gen = server + '/v1/generate'
-    published = post_json(gen, {'prompt': 'red apple', 'seed': 0, 'steps': 4})[1]
-    assert post_json(gen, {'prompt': 'red apple', 'seed': 0, 'steps': 4, 'renoise': 'random'})[1] == published
-    for rule in ('confidence', 'halton'):
+    default = post_json(gen, {'prompt': 'red apple', 'seed': 0, 'steps': 4})[1]
+    assert post_json(gen, {'prompt': 'red apple', 'seed': 0, 'steps': 4, 'renoise': 'critic'})[1] == default
+    for rule in ('random', 'confidence', 'halton'):          # the shipped model's default is its head's rule
         status, body = post_json(gen, {'prompt': 'red apple', 'seed': 0, 'steps': 4, 'renoise': rule})
-        assert status == 200 and body != published, rule
-    body, headers = multipart({'prompt': 'tomato', 'seed': '1', 'renoise': 'halton'}, {'image': ('a.png', published)})
+        assert status == 200 and body != default, rule
+    body, headers = multipart({'prompt': 'tomato', 'seed': '1', 'renoise': 'halton'}, {'image': ('a.png', default)})
     status, out = call(server + '/v1/edit', body, headers)
     assert status == 200 and Image.open(io.BytesIO(out)).size == (64, 64)
 
@@ -72,7 +72,7 @@ def test_bad_requests_get_a_4xx_with_a_message(server):
         (post_json(gen, {'prompt': 'x', 'cfg': [3, 2, 1]}), 400, 'cfg must be a number or [start, end]'),
         (post_json(gen, {'prompt': 'x', 'cfg': [3, 40]}), 400, 'cfg must be between 0 and 30'),
         (post_json(gen, {'prompt': 'x', 'renoise': 'best'}), 400,
-         "renoise must be one of random, confidence, halton, got 'best'"),
+         "renoise must be one of random, confidence, halton, critic, got 'best'"),
         (post_json(gen, {'prompt': 'x', 'renoise': 3}), 400, 'renoise must be one of'),
     ]
     huge = io.BytesIO()

@@ -56,8 +56,8 @@ class Fields:
     """Validation of request fields against `Limits`: the library's own checks (`paella.checks`, the same
     sentences as the CLI and the Python API), each returning the clean value or raising `BadRequest`."""
 
-    def __init__(self, limits):
-        self.limits = limits
+    def __init__(self, limits, rules=checks.RENOISE_RULES):
+        self.limits, self.rules = limits, tuple(rules)      # rules: the re-noising rules the model can run
 
     def prompt(self, value, name='prompt', required=True):
         if value is None and not required:
@@ -76,7 +76,7 @@ class Fields:
 
     def renoise(self, value):
         """A re-noising rule's name (which tokens go back to noise after each step)."""
-        return _request(checks.choice, value, 'renoise', checks.RENOISE_RULES)
+        return _request(checks.choice, value, 'renoise', self.rules)
 
     def sampling(self, p):
         """The fields every mode takes (seed, steps, cfg, renoise, negative_prompt) -> pipeline keyword

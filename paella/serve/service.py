@@ -19,7 +19,7 @@ class Upload:
 class Service:
     def __init__(self, pipe, limits=None):
         self.pipe, self.limits = pipe, limits or Limits()
-        self.fields = Fields(self.limits)
+        self.fields = Fields(self.limits, pipe.renoise_rules)
         self.gate = Gate(self.limits.concurrency, self.limits.queue, self.limits.wait)
 
     async def run(self, fn, *args, callback=None, **kwargs):

@@ -12,7 +12,6 @@ import inspect
 import logging
 import os
 
-from .. import checks
 from .gate import Cancelled
 from .limits import BadRequest, Busy
 from .service import Upload
@@ -130,7 +129,7 @@ def settings(gr, lim, pipe):
                 gr.Slider(1, lim.max_steps, value=pipe.settings.steps, step=1, label=f'steps (1-{lim.max_steps})'),
                 gr.Slider(0, 30, value=float(start), step=0.05, label='cfg at the first step'),
                 gr.Slider(0, 30, value=float(end), step=0.05, label='cfg at the last step'),
-                gr.Dropdown(list(checks.RENOISE_RULES), value=pipe.settings.renoise_rule,
+                gr.Dropdown(list(pipe.renoise_rules), value=pipe.settings.renoise_rule,
                             label='re-noising: which tokens go back to noise after each step')]
 
 

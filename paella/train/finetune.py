@@ -21,7 +21,7 @@ from .recipes import GeneratorConfig, GeneratorTask
 @dataclass
 class FinetuneConfig(GeneratorConfig):
     recipe: ClassVar[str] = 'lora'
-    hidden: ClassVar[tuple] = ('preset', 'model', 'init', 'freeze', 'text_encoder')   # full training's flags
+    hidden: ClassVar[tuple] = ('preset', 'model', 'init', 'freeze', 'text_encoder', 'critic_weight')   # full training's
     base: str = ''                  # the pipeline folder to adapt (default: the emoji model in the package)
     out: str = 'runs/lora'          # checkpoints; model/ (and ema/) are the adapter folders
     rank: int = 8                   # LoRA rank: the update of each target layer is B A, A (rank, in)
@@ -37,9 +37,9 @@ class FinetuneConfig(GeneratorConfig):
 
     def check(self, world):
         super().check(world)
-        if self.init or self.freeze or self.model:
-            raise ValueError("finetune adapts --base (a pipeline folder): --init, --freeze and --model.* are "
-                             "for full training (paella train)")
+        if self.init or self.freeze or self.model or self.critic_weight:
+            raise ValueError("finetune adapts --base (a pipeline folder): --init, --freeze, --model.* and "
+                             "--critic-weight are for full training (paella train)")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"--rank must be an integer >= 1, got {self.rank!r}")
         if not 0 <= self.lora_dropout < 1:

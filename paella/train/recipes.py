@@ -38,6 +38,8 @@ class GeneratorConfig(TrainConfig):
                                     # pooled vector, per sample (the model learns to draw from the pooled one)
     p_drop_clip: float = 0.9        # CLIP text embedding of the empty prompt instead of the caption's
     p_drop_clip_image: float = 0.9  # no CLIP image embedding
+    critic_weight: float = 0.0      # > 0: train the noise-detection head (--model.critic, implied) with this
+                                    # weight on its binary cross-entropy against the positions actually replaced
     samples: ClassVar[bool] = True  # --sample-every draws grids
 
     def check(self, world):
@@ -148,6 +150,8 @@ class GeneratorTask(Task):
         overrides = dict(cfg.model)
         if self.vqgan is not None:
             overrides.setdefault('num_labels', self.vqgan.codebook_size)
+        if cfg.critic_weight > 0 and not overrides.setdefault('critic', True):
+            raise ValueError("--critic-weight trains the noise-detection head: --model.critic false has none")
         overrides.setdefault('byt5_embd', width)
         self.model = self.build_model(overrides)
         if 'tokens' in getattr(self.dataset, 'tensors', {}):     # pre-encoded: checked once, not per step
@@ -191,10 +195,18 @@ class GeneratorTask(Task):
                                      random_x=s.randint(self.model.num_labels, h, w))
             weight = loss_weight(t, mask, cfg.min_loss_weight).to(self.device)
         noised, t, text, clip, clip_image, tokens = on(self.device, noised, t, text, clip, clip_image, tokens)
-        logits = model(noised, t, text, clip, clip_image)                          # (b, K, h, w)
+        if cfg.critic_weight <= 0:
+            logits = model(noised, t, text, clip, clip_image)                      # (b, K, h, w)
+        else:
+            logits, noise = model(noised, t, text, clip, clip_image, critic=True)  # and (b, h, w)
         ce = F.cross_entropy(logits.float(), tokens, label_smoothing=cfg.label_smoothing, reduction='none')
         loss = ((ce * weight).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))).mean()
-        return loss, {'acc': (logits.argmax(1) == tokens).float().mean().item()}
+        metrics = {'acc': (logits.argmax(1) == tokens).float().mean().item()}
+        if cfg.critic_weight > 0:
+            # the label is "differs from the clean token": a replacement that drew the same code is not noise
+            bce = F.binary_cross_entropy_with_logits(noise.float(), (noised != tokens).float())
+            loss, metrics['critic_bce'] = loss + cfg.critic_weight * bce, bce.item()
+        return loss, metrics
 
     @torch.no_grad()
     def samples(self, model, step, out):
