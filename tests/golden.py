@@ -3,8 +3,11 @@ final weights of a tiny training run of each recipe. `tests/test_golden.py` reco
 bit for bit; `python tests/golden.py` writes them again (only for a deliberate change of behaviour, in a
 commit of its own that says which entries changed and why).
 
-The model runs in float32 (its weights ship in float16, so float32 is exact and machine-independent;
-bfloat16 kernels are not); token draws use seeded generators; training runs in fp32 on one process.
+The model runs in float32 (its weights ship in float16, so float32 loses nothing; bfloat16 kernels would
+add their own rounding); token draws use seeded generators; training runs in fp32 on one process. Float32
+kernels still sum in a CPU-dependent order (an Intel Xeon and an AMD Zen 4 differ in the last bits, which
+flips a near-tie token here and there and moves tiny-run weights by ~1e-4), so each file records the
+processor it was written on (`machine()`): there the test is bit for bit; elsewhere it allows that noise.
 """
 import os
 import subprocess
@@ -19,6 +22,18 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 GOLDEN = HERE / 'golden'
 sys.path[:0] = [str(HERE.parent), str(HERE)]      # this checkout's paella, whatever is installed
+
+
+def machine():
+    """The processor model (Linux /proc/cpuinfo), else the platform's name for it."""
+    import platform
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def pictures():
@@ -86,8 +101,9 @@ def training_outputs():
 def write():
     from safetensors.torch import save_file
     GOLDEN.mkdir(exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model_outputs().items()}, str(GOLDEN / 'default_model_tokens.safetensors'))
-    save_file({k: v.contiguous() for k, v in training_outputs().items()}, str(GOLDEN / 'training_weights.safetensors'))
+    meta = {'machine': machine()}
+    for name, outputs in (('default_model_tokens', model_outputs()), ('training_weights', training_outputs())):
+        save_file({k: v.contiguous() for k, v in outputs.items()}, str(GOLDEN / f'{name}.safetensors'), meta)
 
 
 if __name__ == '__main__':
