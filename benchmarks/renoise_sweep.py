@@ -33,10 +33,10 @@ def ms_per_image(pipe, overrides, repeats=3):
     return best / len(PROMPTS) * 1000
 
 
-def measure(pipe, data, rule, steps, seeds, n):
-    from paella_openmoji.eval import evaluate, load_real, real_set_psnr, summarize
+def measure(pipe, data, rule, steps, seeds, n, recon):
+    """One row: the eval means over ``seeds`` and the timing. recon: `real_set_psnr` (the same for every row)."""
+    from paella_openmoji.eval import evaluate, summarize
     overrides = dict(renoise_rule=rule, steps=steps)
-    recon = real_set_psnr(pipe, load_real(data))
     t0 = time.perf_counter()
     summary = summarize([evaluate(pipe, data, n=n, seed=s, recon=recon, **overrides) for s in range(seeds)])
     return {'rule': rule, 'steps': steps, 'seeds': seeds, 'ms_per_image': round(ms_per_image(pipe, overrides), 1),
@@ -100,14 +100,16 @@ def main():
         file.write_text(''.join(json.dumps(r) + '\n' for r in rows))
     elif not args.plot_only:
         from paella.pipeline import Pipeline
+        from paella_openmoji.eval import load_real, real_set_psnr
         pipe = Pipeline.from_pretrained(args.model)
+        recon = real_set_psnr(pipe, load_real(args.data))
         done = {(r['rule'], r['steps']) for r in rows}
         for rule in args.rules.split(','):
             for steps in map(int, args.steps.split(',')):
                 if (rule, steps) in done:
                     continue
                 with torch.inference_mode():
-                    rows.append(measure(pipe, args.data, rule, steps, args.seeds, args.n))
+                    rows.append(measure(pipe, args.data, rule, steps, args.seeds, args.n, recon))
                 print(json.dumps(rows[-1]), flush=True)
                 with file.open('a') as f:
                     f.write(json.dumps(rows[-1]) + '\n')

@@ -73,7 +73,11 @@ def run_case(name, model, cond, uncond, shape, settings, device, repeats, peaks,
     if compile_:
         variants['default+compile'] = dict(variants['default'], compile=True)
     b = shape[0]
-    forwards = settings['steps'] * 2                    # conditional + unconditional per step (CFG)
+    # conditional + unconditional per step (CFG), and the 'critic' rule's conditional forward after each
+    # re-noising step
+    steps = settings['steps']
+    renoising = min(settings.get('renoise_steps') or steps - 1, steps - 1)
+    forwards = steps * 2 + (renoising if settings.get('renoise_rule') == 'critic' else 0)
     rows, reference = [], None
     for vname, v in variants.items():
         m = model.to(v['dtype']).set_published_math(v['published'])
@@ -114,7 +118,8 @@ def default_model_case(batch, device, repeats, peaks, compile_):
     s = pipe.settings
     prompts = ['red apple', 'fire engine', 'grinning face', 'rocket', 'pizza', 'ghost', 'rainbow', 'snowman']
     cond, uncond, _ = pipe.conditions((prompts * batch)[:batch])
-    settings = dict(steps=s.steps, renoise_steps=s.renoise_steps, temperature=s.temperature, cfg=s.cfg)
+    settings = dict(steps=s.steps, renoise_steps=s.renoise_steps, temperature=s.temperature, cfg=s.cfg,
+                    renoise_rule=s.renoise_rule)
     return run_case('default_model', pipe.generator, cond, uncond, (batch, *s.latent_size), settings, device,
                     repeats, peaks, VARIANTS, compile_)
 
