@@ -64,6 +64,19 @@ VARIANTS = {
 }
 
 
+def timed(run, device, repeats):
+    """(the warm-up's result, the best of ``repeats`` timed calls in seconds); the warm-up also compiles."""
+    out = run()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return out, min(times)
+
+
 def run_case(name, model, cond, uncond, shape, settings, device, repeats, peaks, variants, compile_=False):
     """Time `sample` for each variant; print and return the JSON lines."""
     from paella import sample
@@ -86,15 +99,7 @@ def run_case(name, model, cond, uncond, shape, settings, device, repeats, peaks,
         u = {k: t.to(v['dtype']) if isinstance(t, torch.Tensor) else t for k, t in uncond.items()}
         run = lambda: sample(runner, c, shape, u, generator=torch.Generator(device).manual_seed(0),
                              **settings, **v['sampling'])
-        tokens = run()                                  # warm-up (and compilation)
-        times = []
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            run()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        sec = min(times)
+        tokens, sec = timed(run, device, repeats)
         flops = forward_flops(m, c, shape, device) / b * forwards
         peak = peaks['bf16' if v['dtype'] == torch.bfloat16 else 'fp32']
         row = {'case': name, 'variant': vname, 'batch': b, 'tokens': list(shape[1:]), 'steps': settings['steps'],
@@ -144,17 +149,10 @@ def steps_case(batch, device, repeats):
     for name, settings in cases.items():
         run = lambda: sample(pipe.runner, cond, (batch, *s.latent_size), uncond, **settings, **common,
                              generator=torch.Generator(device).manual_seed(0))
-        run()                                           # warm-up
-        times = []
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            run()
-            sync(device)
-            times.append(time.perf_counter() - t0)
+        sec = timed(run, device, repeats)[1]
         row = {'case': 'default_steps', 'variant': name, 'batch': batch, 'steps': settings['steps'],
                'renoise_rule': settings['renoise_rule'], 'dtype': str(next(pipe.generator.parameters()).dtype)[6:],
-               'ms_per_image': round(min(times) / batch * 1000, 1)}
+               'ms_per_image': round(sec / batch * 1000, 1)}
         if rows:
             row['speedup'] = round(rows[0]['ms_per_image'] / row['ms_per_image'], 2)
         print(json.dumps(row), flush=True)
