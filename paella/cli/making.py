@@ -201,16 +201,23 @@ def parse_eval(p):
     p.add_argument('--style', choices=['twemoji'],
                    help="instead: the style report of the held-out concepts ('<name>, twemoji style' drawn "
                         "nearer to the Twemoji render than to the OpenMoji one; `paella data twemoji`)")
+    p.add_argument('--freeform', action='store_true',
+                   help='instead: the free-form report (prompts as people type them: clean rate, intended '
+                        'emoji, diversity of 8 images per generic prompt)')
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
     lora_args(p)
 
 
 def cmd_eval(args):
     from paella_openmoji import HELD_OUT, eval_lines, style_report
-    if args.style and args.regional:
-        raise ValueError('--style and --regional are two different reports: give one')
+    if sum(map(bool, (args.style, args.regional, args.freeform))) > 1:
+        raise ValueError('--style, --regional and --freeform are different reports: give one')
     pipe = load_pipeline(args)
-    if args.style:
+    if args.freeform:
+        from paella_openmoji import freeform
+        lines = freeform.lines(pipe, args.data, args.seed, args.seeds, 200 if args.n is None else args.n,
+                               **overrides(args))
+    elif args.style:
         lines = style_report(pipe, args.data, args.seed, args.seeds, args.style,
                              HELD_OUT if args.n is None else args.n, **overrides(args))
     else:

@@ -159,8 +159,11 @@ def build(out, size=64, skin_tones=False, limit=None, aliases=False, exclude=(),
 
 
 def build_dataset(out, size=64, skin_tones=False, limit=None, aliases=False, keywords=(), name_rows=1):
-    """`paella data openmoji`: `build` with every evaluation paraphrase (`eval.PARAPHRASES`) kept out of the
-    extra captions, so the paraphrase score stays a held-out measure. Returns the number of images."""
+    """`paella data openmoji`: `build` with every evaluation prompt (`eval.PARAPHRASES`, the free-form and
+    generic prompts of `freeform`) kept out of the extra captions, so the scores stay held-out measures.
+    Returns the number of images."""
     from .eval import PARAPHRASES
+    from .freeform import FREEFORM, GENERIC
+    held_out = [p for p, _ in PARAPHRASES] + [p for p, _ in FREEFORM] + GENERIC
     return build(out, size, skin_tones=skin_tones, limit=limit, aliases=aliases,
-                 exclude=[p for p, _ in PARAPHRASES], keywords=keywords or (), name_rows=name_rows)
+                 exclude=held_out, keywords=keywords or (), name_rows=name_rows)

@@ -14,6 +14,7 @@ Report (`evaluate`):
 
 `regional_trials` checks regional prompts (two emoji side by side); `eval_lines` is the whole command.
 """
+import contextlib
 import json
 import random
 import tempfile
@@ -140,14 +141,22 @@ def eval_lines(pipe, data=None, n=200, seed=0, seeds=1, regional=None, **overrid
     when the caller stops early (this generator closed or dropped). regional: a number of trials -> one
     line, the regional-prompt check, instead of the report. seeds=1: the report, indented; seeds=K: one line per
     seed ``seed`` .. ``seed + K - 1``, then their mean / min / max. overrides: sampling settings."""
+    with renders(pipe, data) as folder:
+        yield from _report_lines(pipe, folder, n, seed, seeds, regional, overrides)
+
+
+@contextlib.contextmanager
+def renders(pipe, data=None):
+    """The real renders' folder: ``data``, or (None) one built at the pipeline's image size in a temporary
+    folder, removed when the block ends."""
     if data is not None:
-        yield from _report_lines(pipe, Path(data), n, seed, seeds, regional, overrides)
+        yield Path(data)
         return
     from .dataset import build
     with tempfile.TemporaryDirectory(prefix='paella-eval-') as tmp:
         folder = Path(tmp) / 'openmoji'
         build(folder, pipe.settings.latent_size[0] * pipe.vqgan.downsampling)
-        yield from _report_lines(pipe, folder, n, seed, seeds, regional, overrides)
+        yield folder
 
 
 def _report_lines(pipe, folder, n, seed, seeds, regional, overrides):
