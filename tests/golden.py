@@ -4,7 +4,8 @@ bit for bit; `python tests/golden.py` writes them again (only for a deliberate c
 commit of its own that says which entries changed and why).
 
 The model runs in float32 (its weights ship in float16, so float32 loses nothing; bfloat16 kernels would
-add their own rounding); token draws use seeded generators; training runs in fp32 on one process. Float32
+add their own rounding); token draws use seeded generators; training runs in fp32 on one process; both on
+one thread (a thread count splits float32 sums differently). Float32
 kernels still sum in a CPU-dependent order (an Intel Xeon and an AMD Zen 4 differ in the last bits, which
 flips a near-tie token here and there and moves tiny-run weights by ~1e-4), so each file records the
 processor it was written on (`machine()`): there the test is bit for bit; elsewhere it allows that noise.
@@ -53,7 +54,15 @@ def pictures():
 def model_outputs():
     """{entry: token grid} for every mode of the default model."""
     from paella.pipeline import Pipeline
-    pipe = Pipeline.from_pretrained(dtype=torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _model_outputs(Pipeline.from_pretrained(dtype=torch.float32))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _model_outputs(pipe):
     image, mask, rgba = pictures()
     t = dict(output='tokens')
     return {
@@ -78,7 +87,7 @@ def training_outputs():
     import synth
     from safetensors.torch import load_file
     repo = HERE.parent
-    env = {**os.environ, 'PYTHONPATH': str(repo), 'HF_HUB_OFFLINE': '1'}
+    env = {**os.environ, 'PYTHONPATH': str(repo), 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1'}
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

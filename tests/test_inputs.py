@@ -107,12 +107,12 @@ CASES = [
     ('is a directory', ['generate', 'x', '-o', '{dir}'], None),
     ("dtype must be 'auto'", ['generate', 'x', '--dtype', 'fp8'], None),
     ('expected a number or START END', ['generate', 'x', '--cfg', '3', '1', '2'], None),
-    ("renoise must be one of random, confidence, halton, got 'best'", ['generate', 'x', '--renoise', 'best'], None),
-    ("renoise must be one of random, confidence, halton, got 'Halton'",
+    ("renoise must be one of random, confidence, halton, critic, got 'best'", ['generate', 'x', '--renoise', 'best'], None),
+    ("renoise must be one of random, confidence, halton, critic, got 'Halton'",
      ['inpaint', '{apple}', '{apple}', 'x', '--renoise', 'Halton'], None),
-    ("renoise_rule must be one of random, confidence, halton, got 'best'",
+    ("renoise_rule must be one of random, confidence, halton, critic, got 'best'",
      None, ('__call__', ('x',), dict(renoise_rule='best'), ValueError)),
-    ("renoise_rule must be one of random, confidence, halton, got None",
+    ("renoise_rule must be one of random, confidence, halton, critic, got None",
      None, ('edit', ('{apple}', 'x'), dict(renoise_rule=None), ValueError)),
 ]
 if not torch.cuda.is_available():

@@ -27,7 +27,9 @@ def test_prior_samples_reproduce_published(prior, prior_fixture, sampler, seed, 
     _, inp, exp, _ = prior_fixture
     torch.manual_seed(seed)
     out = sample_prior(prior, inp['c'], cfg=3.0, sampler=sampler, **levels)
-    torch.testing.assert_close(out, exp[f'{sampler}_sample_seed{seed}'], atol=1e-5, rtol=1e-6)
+    # float32 through 8 guided steps: identical on a Zen 4, up to 2.1e-5 apart on an Intel Xeon (kernels sum
+    # in another order); a wrong step, level or draw moves the sample by O(1)
+    torch.testing.assert_close(out, exp[f'{sampler}_sample_seed{seed}'], atol=1e-4, rtol=1e-4)
 
 
 def test_prior_generator_reproducible(prior, prior_fixture):

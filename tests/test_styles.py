@@ -137,4 +137,4 @@ def test_style_report_on_a_tiny_pipeline(tmp_path, minilm, capsys, monkeypatch):
     with pytest.raises(ValueError, match='has no render of'):
         list(style_report(pipe, folder, n=5, steps=2))
     assert main(['eval', '--style', 'twemoji', '--regional', '2']) == 2
-    assert 'two different reports' in capsys.readouterr().err
+    assert 'different reports: give one' in capsys.readouterr().err
