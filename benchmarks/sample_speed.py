@@ -89,7 +89,8 @@ def run_case(name, model, cond, uncond, shape, settings, device, repeats, peaks,
     # conditional + unconditional per step (CFG), and the 'critic' rule's conditional forward after each
     # re-noising step
     steps = settings['steps']
-    renoising = min(settings.get('renoise_steps') or steps - 1, steps - 1)
+    renoise_steps = settings.get('renoise_steps')
+    renoising = steps - 1 if renoise_steps is None else min(renoise_steps, steps - 1)
     forwards = steps * 2 + (renoising if settings.get('renoise_rule') == 'critic' else 0)
     rows, reference = [], None
     for vname, v in variants.items():

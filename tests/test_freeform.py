@@ -4,7 +4,8 @@ speckled ones, and the command reports every measure."""
 import json
 
 import pytest
-from paella_openmoji import build_dataset, catalogue
+from paella_openmoji import PARAPHRASES, build_dataset, catalogue
+from paella_openmoji.dataset import build
 from paella_openmoji import freeform
 from paella_openmoji.eval import load_real
 
@@ -23,13 +24,17 @@ def renders(tmp_path_factory):
     return folder
 
 
-def test_prompts_are_many_held_out_and_point_at_real_emoji(renders):
+def test_prompts_are_many_held_out_and_point_at_real_emoji(renders, tmp_path):
     names = {name for _, name, _, _, _ in catalogue()}
     assert len(freeform.FREEFORM) >= 150 and len(freeform.GENERIC) == 20
     assert len({p for p, _ in freeform.FREEFORM}) == len(freeform.FREEFORM)
     assert all(target in names for _, target in freeform.FREEFORM if target is not None)
     assert freeform.SPECIFIC in names
-    captions = {words(json.loads(line)['text']) for line in (renders / 'metadata.jsonl').read_text().splitlines()}
+    # every caption that models trained before the free-form set could see: names, short names (paraphrases
+    # were held out already; 'coffee' is one)
+    build(tmp_path / 'all', size=16, aliases=True, exclude=[p for p, _ in PARAPHRASES])
+    meta = (tmp_path / 'all' / 'metadata.jsonl').read_text().splitlines()
+    captions = {words(json.loads(line)['text']) for line in meta}
     prompts = [p for p, _ in freeform.FREEFORM] + freeform.GENERIC
     assert [p for p in prompts if words(p) in captions] == []
 
@@ -43,9 +48,10 @@ def test_build_dataset_keeps_them_out_of_the_captions(tmp_path):
 
 
 def test_clean_threshold_passes_real_drawings_and_fails_speckled_ones(renders):
+    import torch
     from paella.pipeline import Pipeline
-    c = freeform.calibrate(Pipeline.from_pretrained(), load_real(renders))
-    assert max(c['worst_shift'], c['worst_blur32']) < freeform.CLEAN_THRESHOLD <= c['mess_t0.3_p1']
+    c = freeform.calibrate(Pipeline.from_pretrained(dtype=torch.float32), load_real(renders))
+    assert max(c['worst_shift'], c['worst_blur32']) + 0.5 < freeform.CLEAN_THRESHOLD < c['mess_t0.3_p1'] - 0.5, c
     real = load_real(renders)
     apple = real['red apple']
     feats = freeform.features(list(real.values()))
@@ -61,4 +67,5 @@ def test_eval_freeform_reports_every_measure(renders, capsys):
     assert report['freeform'] == len(freeform.FREEFORM)
     for key in ('freeform_clean', 'freeform_intended_top1', 'freeform_intended_top5', 'names_clean'):
         assert 0 <= report[key] <= 1, key
-    assert 1 <= report['generic_distinct'] <= freeform.SEEDS and 0 <= report['specific_hits'] <= freeform.SEEDS
+    assert 0 <= report['generic_distinct'] <= freeform.SEEDS and 0 <= report['specific_hits'] <= freeform.SEEDS
+    assert 0 <= report['generic_clean'] <= 1
