@@ -63,6 +63,9 @@ VARIANTS = {
     'bf16': dict(published=False, dtype=torch.bfloat16, sampling=dict(mode='multinomial', batch_cfg=True, cache=True)),
 }
 
+# the default model's prompts (batch b takes the first b, repeated past 8)
+PROMPTS = ['red apple', 'fire engine', 'grinning face', 'rocket', 'pizza', 'ghost', 'rainbow', 'snowman']
+
 
 def timed(run, device, repeats):
     """(the warm-up's result, the best of ``repeats`` timed calls in seconds); the warm-up also compiles."""
@@ -122,8 +125,7 @@ def default_model_case(batch, device, repeats, peaks, compile_):
     from paella.pipeline import Pipeline
     pipe = Pipeline.from_pretrained(device=device, dtype=torch.float32)
     s = pipe.settings
-    prompts = ['red apple', 'fire engine', 'grinning face', 'rocket', 'pizza', 'ghost', 'rainbow', 'snowman']
-    cond, uncond, _ = pipe.conditions((prompts * batch)[:batch])
+    cond, uncond, _ = pipe.conditions((PROMPTS * batch)[:batch])
     settings = dict(steps=s.steps, renoise_steps=s.renoise_steps, temperature=s.temperature, cfg=s.cfg,
                     renoise_rule=s.renoise_rule)
     return run_case('default_model', pipe.generator, cond, uncond, (batch, *s.latent_size), settings, device,
@@ -138,8 +140,7 @@ def steps_case(batch, device, repeats):
     from paella.pipeline import Pipeline
     pipe = Pipeline.from_pretrained(device=device)
     s = pipe.settings
-    prompts = ['red apple', 'fire engine', 'grinning face', 'rocket', 'pizza', 'ghost', 'rainbow', 'snowman']
-    cond, uncond, _ = pipe.conditions((prompts * batch)[:batch])
+    cond, uncond, _ = pipe.conditions((PROMPTS * batch)[:batch])
     common = dict(mode=s.mode, batch_cfg=s.batch_cfg, cache=s.cache)
     cases = {'12_steps_random': dict(steps=12, renoise_steps=11, renoise_rule='random', temperature=(0.7, 0.05),
                                      cfg=(3.0, 1.25)),

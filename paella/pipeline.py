@@ -58,7 +58,7 @@ class Pipeline:
     @property
     def renoise_rules(self):
         """The re-noising rules this generator can run: 'critic' only with a noise-detection head."""
-        head = getattr(getattr(self.generator, 'config', None), 'critic', False)
+        head = getattr(self.generator, 'critic', None) is not None      # as `sample` checks it
         return tuple(r for r in checks.RENOISE_RULES if head or r != 'critic')
 
     @property
