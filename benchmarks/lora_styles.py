@@ -66,7 +66,8 @@ def scores(args, lora=None):
     saved = Path(args.runs) / f"scores-{Path(lora).parent.name if lora else 'base'}-{args.seeds}.json"
     if saved.is_file():             # kept from an earlier run of this script (remove it to measure again)
         return json.loads(saved.read_text())
-    extra = ['--lora', lora] if lora else []
+    # the base as an adapter runs it: prompts as typed (with an adapter on, the retrieval prior is off)
+    extra = ['--lora', lora] if lora else ['--caption-temperature', 'none']
     style = last_json(paella('eval', '--data', args.data, '--style', 'twemoji', '--seeds', args.seeds, *extra))
     names = last_json(paella('eval', '--data', args.data, *extra))
     mean = (lambda v: v['mean']) if args.seeds > 1 else (lambda v: v)

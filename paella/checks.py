@@ -140,7 +140,8 @@ def settings(s, caps, pixels_per_token=1):
         prior_sampler=choice(s.prior_sampler, 'prior_sampler', ('ddpm', 'ddim')),
         prior_steps=integer(s.prior_steps, 'prior_steps', 1, caps.steps),
         **{name: optional(number, getattr(s, name), name, 0, 100)
-           for name in ('prior_cfg', 'attn_text_weight', 'attn_image_weight')})
+           for name in ('prior_cfg', 'attn_text_weight', 'attn_image_weight')},
+        caption_temperature=optional(number, s.caption_temperature, 'caption_temperature', 0, 10))
 
 
 def overrides(values, settings_type):

@@ -13,6 +13,7 @@ import torch
 
 from . import checks
 from .cache import EmbeddingCache, default_cache_folder
+from .captions import FOLDER as CAPTIONS, Captions
 from .checkpoint import CONFIG_NAME, CheckpointError
 from .model import Paella
 from .offload import OnDemand, Weights, hub_folder, memory_is_short
@@ -58,7 +59,8 @@ def pipeline_parts(folder=None, device=None, dtype='auto', low_memory=None, cach
     return dict(generator=load(Paella, 'generator'), vqgan=load(VQModel, 'vqgan', torch.float32),
                 **conditioning(meta['text_encoder'], clip, prior, device, dtype, low_memory),
                 settings=meta['settings'], specs={k: meta[k] for k in ('text_encoder', 'clip') if k in meta},
-                cache=embedding_cache(cache, low_memory))
+                cache=embedding_cache(cache, low_memory),
+                captions=Captions.from_pretrained(folder) if (folder / CAPTIONS).is_dir() else None)
 
 
 def v3_parts(paella, vqgan, prior, byt5, clip, device=None, dtype='auto', preset=None, low_memory=None, cache=None):

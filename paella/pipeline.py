@@ -31,8 +31,10 @@ from .vq import VQModel
 class Pipeline:
     """Text to image (``pipe(prompts)``) and the editing modes of `paella.editing`."""
 
-    def __init__(self, generator, vqgan, text_encoder, clip=None, prior=None, settings=None, specs=None, cache=None):
+    def __init__(self, generator, vqgan, text_encoder, clip=None, prior=None, settings=None, specs=None, cache=None,
+                 captions=None):
         self.generator, self.vqgan, self.text_encoder = generator.eval(), vqgan.eval(), text_encoder
+        self.captions = captions        # `paella.captions.Captions`: unseen prompts drawn as training captions
         self.runner = self.generator                # what the sampler calls: the generator, or compiled
         self.loras = {}                             # LoRA adapters on the generator: name -> (folder, scale)
         # The prior may be an `offload.OnDemand` loader (low memory): loaded for each use, released after.
@@ -96,10 +98,11 @@ class Pipeline:
 
     def fuse_lora(self):
         """Add the adapters' updates to the generator's weights (faster sampling; `save_pretrained` then
-        writes a pipeline with them built in); they can no longer be taken off."""
+        writes a pipeline with them built in, without the retrieval prior); they can no longer be taken off."""
         from . import lora
         lora.remove(self.generator, merge=True)
         self.loras, self.runner = {}, self.generator
+        self.captions = None            # the fused generator knows captions the retrieval prior does not
 
     @classmethod
     def v3(cls, paella, vqgan, prior, byt5='google/byt5-xl', clip='laion/CLIP-ViT-H-14-laion2B-s32B-b79K',
@@ -139,6 +142,8 @@ class Pipeline:
                              "unload_lora() to save the model without them")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        if self.captions is not None:
+            self.captions.save_pretrained(folder)
         for name, model in (('generator', self.generator), ('vqgan', self.vqgan), ('prior', self.prior)):
             if model is not None:
                 with using(model) as model:
@@ -182,6 +187,7 @@ class Pipeline:
         s = settings or self.settings
         device, dtype = self.device, next(self.generator.parameters()).dtype
         b = len(prompts)
+        prompts = self.drawn_as(prompts, s, generator)
         # Encoded apart, as published: the negative prompt's sequence is only as long as its own tokens.
         text = self.encode_text(list(prompts)).to(device, dtype)                          # (B, L, D)
         cond = {'byt5': text, 'clip': None, 'clip_image': None}
@@ -204,6 +210,15 @@ class Pipeline:
                 if s.attn_text_weight is not None:
                     attn = v3_attn_weights(text.shape[1], s.attn_text_weight, s.attn_image_weight).to(device)
         return cond, uncond, attn
+
+    def drawn_as(self, prompts, settings=None, generator=None):
+        """The captions the prompts are drawn as: the retrieval prior's choice (`paella.captions`) when the
+        pipeline has one and ``caption_temperature`` is set, else the prompts themselves. With LoRA adapters
+        on, the prompts as typed: an adapter teaches captions ("<name>, twemoji style") the prior never saw."""
+        t = (settings or self.settings).caption_temperature
+        if self.captions is None or t is None or self.loras:
+            return list(prompts)
+        return self.captions.choose(self.text_encoder, list(prompts), t, generator)
 
     def encode_text(self, prompts):
         """Text states (B, L, D) of a list of prompts, zero at padding; through the cache when there is one."""

@@ -30,6 +30,7 @@ class Settings:
     prior_steps: int = 60
     prior_cfg: float | None = 3.0
     prior_sampler: str = 'ddpm'
+    caption_temperature: float | None = None        # a pipeline with `captions`: None: prompts as typed (paella.captions)
 
     @classmethod
     def v3(cls):

