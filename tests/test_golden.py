@@ -59,10 +59,12 @@ def test_tiny_training_runs_end_at_the_golden_weights():
 
 
 def test_the_noise_allowance_catches_a_change():
-    """Another seed is a change of behaviour: it must fail even the cross-processor comparison."""
+    """Another guidance scale is a change of behaviour: it must fail even the cross-processor comparison.
+    (Another seed alone may not: at 3 steps the model draws a caption it knows nearly token for token the
+    same on every seed, 510 of 512 here.)"""
     expected, _ = load('default_model_tokens')
     from paella.pipeline import Pipeline
     import torch
     pipe = Pipeline.from_pretrained(dtype=torch.float32)
-    other = {'generate': pipe(['red apple', 'a cat wearing sunglasses'], seed=1, output='tokens')}
+    other = {'generate': pipe(['red apple', 'a cat wearing sunglasses'], seed=0, cfg=2.0, output='tokens')}
     assert differences({'generate': expected['generate']}, other, False, agree) != []
