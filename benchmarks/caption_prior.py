@@ -10,6 +10,7 @@ its first five, for variants of the prior built from one training folder:
     python benchmarks/caption_prior.py --data runs/openmoji64a
 
 Prints one JSON line per variant; the last is the shipped prior's rule (all keys, soft maximum, spelling).
+``--misses``: instead, each free-form prompt whose intended emoji that rule does not rank first.
 """
 import argparse
 import json
@@ -27,6 +28,8 @@ def ranks(scores, targets):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--data', required=True, help="the generator's training folder (`paella data openmoji --aliases`)")
+    p.add_argument('--misses', action='store_true',
+                   help="instead: the free-form prompts whose intended emoji the shipped rule does not rank first")
     args = p.parse_args()
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     from paella.captions import Captions, folder_pairs
@@ -37,6 +40,16 @@ def main():
     pairs = folder_pairs(args.data)
     sets = {'names': Captions.build(encoder, [(t, t) for t in dict.fromkeys(t for _, t in pairs)]),
             'names+short names': Captions.build(encoder, pairs)}
+    if args.misses:
+        captions = sets['names+short names']
+        index = {t: i for i, t in enumerate(captions.targets)}
+        rows = [(q, t) for q, t in FREEFORM if t in index]
+        scores = captions.similarity(encoder, [q for q, _ in rows])
+        for (q, t), s, r in zip(rows, scores, ranks(scores, torch.tensor([index[t] for _, t in rows])).tolist()):
+            if r:
+                print(json.dumps({'prompt': q, 'intended': t, 'rank': r,
+                                  'first': [captions.targets[j] for j in s.topk(3).indices.tolist()]}))
+        return
     for keys, captions in sets.items():
         index = {t: i for i, t in enumerate(captions.targets)}
         asked = {'freeform': [(q, t) for q, t in FREEFORM if t in index],
