@@ -36,7 +36,7 @@ def ms_per_image(pipe, overrides, repeats=3):
 def measure(pipe, data, rule, steps, seeds, n, recon):
     """One row: the eval means over ``seeds`` and the timing. recon: `real_set_psnr` (the same for every row)."""
     from paella_openmoji.eval import evaluate, summarize
-    overrides = dict(renoise_rule=rule, steps=steps)
+    overrides = dict(renoise_rule=rule, steps=steps, caption_temperature=None)   # the prompts as typed
     t0 = time.perf_counter()
     summary = summarize([evaluate(pipe, data, n=n, seed=s, recon=recon, **overrides) for s in range(seeds)])
     return {'rule': rule, 'steps': steps, 'seeds': seeds, 'ms_per_image': round(ms_per_image(pipe, overrides), 1),

@@ -19,6 +19,7 @@ id) and ``captions.safetensors`` (the keys' embeddings (K, D) in float16, each k
 import difflib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -49,15 +50,25 @@ def embed(encoder, texts, batch=256):
 
 def folder_pairs(folder):
     """(key, target) pairs of a training folder (`paella.data.ImageFolder`): every caption of an image,
-    each pointing to the image's first caption (`paella data` writes the name first, the aliases after)."""
+    each pointing to the image's first non-empty caption (`paella data` writes the name first, the aliases
+    after)."""
     from .data import ImageFolder
     data = ImageFolder(folder)
-    if data.captions is None:
-        raise ValueError(f"{folder} has no metadata.jsonl / metadata.csv: the retrieval prior needs its captions")
+    captions = [(path, data.caption(i)[0]) for i, path in enumerate(data.files)]      # as training reads them
     first = {}
-    for path, caption in zip(data.files, data.captions):
-        first.setdefault(path, caption)
-    return [(c, first[p]) for p, c in zip(data.files, data.captions) if c.strip()]
+    for path, caption in captions:
+        if caption:
+            first.setdefault(path, caption)
+    return [(c, first[p]) for p, c in captions if c]
+
+
+def save_captions(captions, folder):
+    """Write a pipeline folder's ``captions/`` (`Captions.save_pretrained`); with ``captions`` None, remove
+    one an earlier save left there, so that a pipeline saved without a prior has none."""
+    if captions is not None:
+        captions.save_pretrained(folder)
+    elif (Path(folder) / FOLDER).is_dir():
+        shutil.rmtree(Path(folder) / FOLDER)
 
 
 class Captions:
@@ -74,7 +85,8 @@ class Captions:
         self.key_texts, self.targets, self.encoder_id = list(key_texts), list(targets), encoder_id
         self.keys, self.target = keys.float(), target.long()
         self.known = {normal(t) for t in self.key_texts + self.targets}
-        self.words = sorted({w for t in self.known for w in re.findall(r'[a-z]+', t)})
+        self.words = frozenset(w for t in self.known for w in re.findall(r'[a-z]+', t))
+        self.vocabulary = None          # the encoder's whole-word tokens, read at the first respelling
 
     @classmethod
     def build(cls, encoder, pairs):
@@ -105,8 +117,8 @@ class Captions:
         s = embed(encoder, prompts) @ self.keys.T                                       # (B, K)
         tokenizer = getattr(encoder, 'tokenizer', None)
         if respell and tokenizer is not None:
-            vocabulary = tokenizer.get_vocab()
-            respelled = {i: r for i, p in enumerate(prompts) if (r := self.respelled(p, vocabulary)) != p}
+            self.vocabulary = self.vocabulary or frozenset(tokenizer.get_vocab())
+            respelled = {i: r for i, p in enumerate(prompts) if (r := self.respelled(p, self.vocabulary)) != p}
             if respelled:
                 rows = list(respelled)
                 s[rows] = torch.maximum(s[rows], embed(encoder, list(respelled.values())) @ self.keys.T)
@@ -117,19 +129,26 @@ class Captions:
         summed = torch.zeros(len(prompts), len(self.targets)).index_add_(1, self.target, e)        # (B, T)
         return 1 + KEY_SOFTNESS * torch.log(summed.clamp(min=1e-30))
 
+    def check_encoder(self, encoder):
+        """ValueError unless ``encoder`` is the one the keys were embedded with."""
+        if encoder.id != self.encoder_id:
+            raise ValueError(f"the captions were embedded with {self.encoder_id!r}, the pipeline encodes with "
+                             f"{encoder.id!r}: build them again with this encoder (paella captions)")
+
     def choose(self, encoder, prompts, temperature, generator=None):
         """The caption each prompt is drawn as: the prompt itself where it is a training caption, else a
         target drawn from softmax(similarity / temperature) (temperature 0: the nearest) with ``generator``.
 
         The draw uses a copy of the generator, which is left where it was: the sampler then draws the
         same initial tokens as without the prior, so a prompt kept as typed gives the same image."""
-        if encoder.id != self.encoder_id:
-            raise ValueError(f"the captions were embedded with {self.encoder_id!r}, the pipeline encodes with "
-                             f"{encoder.id!r}: build them again with this encoder")
+        self.check_encoder(encoder)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
         rows = [i for i, p in enumerate(prompts) if p.strip() and normal(p) not in self.known]
         if not rows:
             return list(prompts)
-        s = self.similarity(encoder, [prompts[i] for i in rows])                 # (b, T)
+        asked = {p: k for k, p in enumerate(dict.fromkeys(prompts[i] for i in rows))}   # each prompt once
+        s = self.similarity(encoder, list(asked))[[asked[prompts[i]] for i in rows]]        # (b, T)
         if temperature == 0:
             picks = s.argmax(1)
         else:

@@ -124,6 +124,9 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)       # mkstemp's 0600 would keep a shared model folder from others
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

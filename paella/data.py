@@ -59,6 +59,8 @@ def open_image(source, min_size=1, max_pixels=MAX_PIXELS):
 
 def decode_caption(data):
     """Caption text from bytes: UTF-8, else Latin-1 (flagged). Returns (text, note or None)."""
+    if data is None:                # "text": null in a metadata file
+        return '', None
     if isinstance(data, str):
         return data.strip(), None
     try:

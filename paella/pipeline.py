@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from . import checks, editing
+from .captions import save_captions
 from .checkpoint import atomic_write
 from .editing import Options
 from .guidance import v3_attn_weights
@@ -52,6 +53,8 @@ class Pipeline:
             raise ValueError(f"CLIP embeddings are {clip.width} wide, the generator expects {cfg.clip_embd}")
         if prior is not None and (clip is None or prior.config.clip_r != clip.width):
             raise ValueError("the prior needs a CLIP encoder of its width (clip_r)")
+        if captions is not None:
+            captions.check_encoder(text_encoder)
 
     @property
     def device(self):
@@ -101,8 +104,8 @@ class Pipeline:
         writes a pipeline with them built in, without the retrieval prior); they can no longer be taken off."""
         from . import lora
         lora.remove(self.generator, merge=True)
-        self.loras, self.runner = {}, self.generator
-        self.captions = None            # the fused generator knows captions the retrieval prior does not
+        self.loras, self.runner = {}, self.generator        # it may know captions the retrieval prior does not:
+        self.captions, self.settings = None, replace(self.settings, caption_temperature=None)
 
     @classmethod
     def v3(cls, paella, vqgan, prior, byt5='google/byt5-xl', clip='laion/CLIP-ViT-H-14-laion2B-s32B-b79K',
@@ -142,8 +145,7 @@ class Pipeline:
                              "unload_lora() to save the model without them")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        if self.captions is not None:
-            self.captions.save_pretrained(folder)
+        save_captions(self.captions, folder)
         for name, model in (('generator', self.generator), ('vqgan', self.vqgan), ('prior', self.prior)):
             if model is not None:
                 with using(model) as model:
@@ -211,10 +213,11 @@ class Pipeline:
                     attn = v3_attn_weights(text.shape[1], s.attn_text_weight, s.attn_image_weight).to(device)
         return cond, uncond, attn
 
-    def drawn_as(self, prompts, settings=None, generator=None):
-        """The captions the prompts are drawn as: the retrieval prior's choice (`paella.captions`) when the
-        pipeline has one and ``caption_temperature`` is set, else the prompts themselves. With LoRA adapters
-        on, the prompts as typed: an adapter teaches captions ("<name>, twemoji style") the prior never saw."""
+    def drawn_as(self, prompts, settings=None, generator=None, seed=None):
+        """What the prompts are drawn as with ``seed`` (or ``generator``): the retrieval prior's choice
+        (`paella.captions`) where there is one and ``caption_temperature`` is set; else, or with LoRA adapters
+        on (they teach captions such as "<name>, twemoji style" that it never saw), the prompts as typed."""
+        generator = generator or (Options(seed).rng(self.device) if seed is not None else None)   # as a call's
         t = (settings or self.settings).caption_temperature
         if self.captions is None or t is None or self.loras:
             return list(prompts)
@@ -273,10 +276,8 @@ class Pipeline:
         """PIL images of token grids (B, H, W) (``output='tokens'``: the grids themselves), each resized to
         ``sizes[i]`` (W, H) if given. ``paste``: one (image, keep (h, w) bool, (x, y)) per result, whose kept
         pixels go back in at (x, y)."""
-        if output == 'tokens':
+        if checks.choice(output, 'output', ('pil', 'tokens')) == 'tokens':
             return tokens
-        if output != 'pil':
-            raise ValueError(f"output must be 'pil' or 'tokens', got {output!r}")
         images = tokens_to_images(self.vqgan, tokens)
         for i, size in enumerate(sizes or ()):
             images[i] = images[i].resize(size, Image.BICUBIC)    # a copy where the size is already right

@@ -56,8 +56,36 @@ def test_known_captions_keep_their_image_and_unseen_ones_get_their_captions(pipe
     assert drawn == ['red apple', 'sunflower']
     assert torch.equal(pipe.tokens(['a shiny red apple', 'a tall yellow sunflower'], seed=3),
                        pipe.tokens(drawn, seed=3, **off))
+    assert pipe.drawn_as(['a shiny red apple'], pipe.settings_with(off), seed=3) == ['a shiny red apple']
+    assert not torch.equal(pipe.tokens(['a shiny red apple'], seed=3, **off), pipe.tokens(['red apple'], seed=3, **off))
     with pytest.raises(ValueError, match='caption_temperature'):
         pipe.tokens(['a cat'], seed=0, caption_temperature=-1)
+
+
+def test_caption_temperature_none_on_the_command_line_draws_as_typed(pipe, tmp_path):
+    import numpy as np
+    from PIL import Image
+    out = tmp_path / 'typed.png'
+    assert main(['generate', 'a shiny red apple', '--seed', '3', '--caption-temperature', 'none', '-o', str(out)]) == 0
+    typed = pipe(['a shiny red apple'], seed=3, caption_temperature=None)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(typed))
+    assert main(['generate', 'a cat', '--caption-temperature', 'warm']) == 2
+
+
+def test_saved_pipelines_keep_the_prior_and_fused_ones_drop_it(tmp_path, hf_offline):
+    pipe = Pipeline.from_pretrained()
+    pipe.save_pretrained(tmp_path / 'p')
+    again = Pipeline.from_pretrained(tmp_path / 'p')
+    prompts = ['a cat'] * 4 + ['a shiny red apple']
+    assert again.drawn_as(prompts, seed=5) == pipe.drawn_as(prompts, seed=5)
+    assert again.settings.caption_temperature == pipe.settings.caption_temperature
+    pipe.load_lora(Path(__file__).resolve().parents[1] / 'docs' / 'lora_kiwi_adapter')
+    pipe.fuse_lora()
+    pipe.save_pretrained(tmp_path / 'p')                       # over the folder that has a prior
+    fused = Pipeline.from_pretrained(tmp_path / 'p')
+    assert fused.captions is None and fused.settings.caption_temperature is None
+    assert not (tmp_path / 'p' / 'captions').exists()
+    assert fused.drawn_as(['kiwi bird icon'], seed=0) == ['kiwi bird icon']
 
 
 def test_folder_round_trip_and_refusals(captions, minilm, tmp_path):
@@ -87,7 +115,7 @@ def test_captions_command_writes_the_prior_into_a_pipeline_folder(tmp_path, hf_o
     model.mkdir()
     shutil.copy(default_model_path() / 'pipeline.json', model)
     assert main(['captions', str(model), '--data', str(data), '--temperature', '0.05']) == 0
-    assert 'wrote 3 captions of 2 images' in capsys.readouterr().out
+    assert 'wrote 3 captions pointing to 2 targets' in capsys.readouterr().out
     assert json.loads((model / 'pipeline.json').read_text())['settings']['caption_temperature'] == 0.05
     assert Captions.from_pretrained(model).targets == ['red apple', 'fire engine']
     assert main(['captions', str(model), '--data', str(data), '--temperature', '-1']) == 2

@@ -3,8 +3,8 @@ import argparse
 import sys
 
 from .. import checks, flags
-from .common import (Cfg, box_or_mask, caption_temperature_arg, load_pipeline, lora_args, memory_args, number, overrides, parse_size,
-                     position, progress)
+from .common import (Cfg, box_or_mask, caption_temperature_arg, load_pipeline, lora_args, memory_args, number,
+                     overrides, parse_size, position, progress)
 
 
 def sampling_args(p, output, seed=None):
