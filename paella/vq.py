@@ -6,6 +6,7 @@ Names and arithmetic follow the published ``VQModel`` (and the ``VectorQuantize`
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import Pretrained
@@ -22,6 +23,9 @@ class VQConfig:
     c_latent: int = 4               # dimension of a code
     codebook_size: int = 8192
     scale_factor: float = 0.3764    # latents are divided by this for the generator's convenience
+    sr_levels: int = 0              # super-resolving stages: each doubles the decoded size, and the encoder
+                                    # reads the image averaged down by as much (0: the published model)
+    c_sr: int = 32                  # channels of the first super-resolving stage, halved at each next one
 
 
 PRESETS = {
@@ -120,10 +124,23 @@ class VQModel(Pretrained, nn.Module, config_class=VQConfig, presets=PRESETS, def
                 up.append(nn.ConvTranspose2d(c, c_levels[cfg.levels - 2 - i], kernel_size=4, stride=2, padding=1))
         self.up_blocks = nn.Sequential(*up)
         self.out_block = nn.Sequential(nn.Conv2d(c_levels[0], 3 * 4, kernel_size=1), nn.PixelShuffle(2))
+        if cfg.sr_levels:
+            # The native image upsampled bilinearly, plus detail drawn from the decoder's last features: the
+            # detail's last layer starts at zero, so a new model first draws the upsampled native image.
+            c_sr = [max(cfg.c_sr // 2 ** i, 4) for i in range(cfg.sr_levels)]
+            sr = []
+            for i, c in enumerate(c_sr):
+                sr += [nn.ConvTranspose2d(c_levels[0] if i == 0 else c_sr[i - 1], c, kernel_size=4, stride=2,
+                                          padding=1), ResBlock(c, c * 4)]
+            self.sr_blocks = nn.Sequential(*sr)
+            self.sr_out = nn.Sequential(nn.Conv2d(c_sr[-1], 3 * 4, kernel_size=1), nn.PixelShuffle(2))
+            nn.init.zeros_(self.sr_out[0].weight)
+            nn.init.zeros_(self.sr_out[0].bias)
 
     @property
     def downsampling(self):
-        return 2 ** self.config.levels
+        """Image pixels per token a side: 4 for the published model, 16 with two super-resolving stages."""
+        return 2 ** (self.config.levels + self.config.sr_levels)
 
     def _check_images(self, x):
         f = self.downsampling
@@ -142,6 +159,8 @@ class VQModel(Pretrained, nn.Module, config_class=VQConfig, presets=PRESETS, def
     def _encode(self, x):
         """(quantized, latent, indices (B, h, w), (codebook loss, commitment loss)), unscaled."""
         self._check_images(x)
+        if self.config.sr_levels:                                # the encoder reads the native size
+            x = F.avg_pool2d(x, 2 ** self.config.sr_levels)
         x = self.down_blocks(self.in_block(x))                   # (B, c_latent, h, w)
         qe, losses, indices = self.vquantizer(x, dim=1)
         return qe, x, indices, losses
@@ -156,14 +175,25 @@ class VQModel(Pretrained, nn.Module, config_class=VQConfig, presets=PRESETS, def
         """Token ids (B, H/f, W/f) of images in [0, 1]."""
         return self.encode(x)[2]
 
-    def decode(self, latent):
-        """Images from (scaled) latents (B, c_latent, h, w)."""
-        return self.out_block(self.up_blocks(latent * self.scale_factor))
+    def _draw(self, h, native):
+        """Images from the decoder's last features h (B, c, H/2, W/2): at the native size (f4), or through
+        the super-resolving stages when there are some and ``native`` is False."""
+        image = self.out_block(h)                                                # (B, 3, H, W)
+        if not self.config.sr_levels or native:
+            return image
+        up = F.interpolate(image, scale_factor=2 ** self.config.sr_levels, mode='bilinear', align_corners=False)
+        return up + self.sr_out(self.sr_blocks(h))                               # (B, 3, H * 2^sr, W * 2^sr)
 
-    def decode_indices(self, idx):
-        """Images (B, 3, 4h, 4w), roughly in [0, 1] (clamp before saving), from token ids (B, h, w)."""
+    def decode(self, latent, native=False):
+        """Images from (scaled) latents (B, c_latent, h, w); ``native``: at 4 pixels a token, without the
+        super-resolving stages."""
+        return self._draw(self.up_blocks(latent * self.scale_factor), native)
+
+    def decode_indices(self, idx, native=False):
+        """Images (B, 3, f h, f w) with f = `downsampling`, roughly in [0, 1] (clamp before saving), from token
+        ids (B, h, w); ``native``: f = 4, without the super-resolving stages."""
         self._check_indices(idx)
-        return self.out_block(self.up_blocks(self.vquantizer.idx2vq(idx.long(), dim=1)))
+        return self._draw(self.up_blocks(self.vquantizer.idx2vq(idx.long(), dim=1)), native)
 
     def forward(self, x=None, details=False, indices=None):
         """(reconstruction, VQ loss) as published. With ``details``: (reconstruction, (codebook loss,

@@ -151,13 +151,16 @@ def parse_restored_pairs(p):
     p.add_argument('--copies', type=int, default=1, help='restored rows per image, besides its own tokens (default 1)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--image-size', type=int, help="side of the stored images (default: the model's canvas); a "
+                   "multiple of it pairs each image's tokens with the larger image (a super-resolving decoder's data)")
     p.add_argument('--device')
 
 
 def cmd_restored_pairs(args):
     from ..train import restored_pairs
     pipe = load_pipeline(args)
-    n, skipped = restored_pairs(args.data, args.out, pipe, args.strength, args.copies, args.seed, args.batch_size)
+    n, skipped = restored_pairs(args.data, args.out, pipe, args.strength, args.copies, args.seed, args.batch_size,
+                                args.image_size)
     print_skipped(skipped)
     print(f"wrote {n} token/image pairs to {args.out} ({len(skipped)} skipped)")
 
@@ -232,7 +235,7 @@ def parse_captions(p):
     p.add_argument('model', help='pipeline folder: captions/ is written into it and pipeline.json gets the temperature')
     p.add_argument('--data', required=True, help="the generator's training folder (metadata.jsonl): every caption "
                    "is a key, pointing to its image's first caption")
-    p.add_argument('--temperature', type=float, default=0.03,
+    p.add_argument('--temperature', type=float, default=0.04,
                    help='caption_temperature: 0 draws every unseen prompt as its nearest caption; higher spreads a '
                         'generic prompt over more of them (default: %(default)s)')
 
@@ -252,7 +255,7 @@ def cmd_captions(args):
     meta = json.loads(path.read_text())
     meta['settings']['caption_temperature'] = temperature
     atomic_write(path, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + '\n'))
-    print(f"wrote {len(captions.key_texts)} captions of {len(captions.targets)} images to {folder}/; "
+    print(f"wrote {len(captions.key_texts)} captions pointing to {len(captions.targets)} targets to {folder}/; "
           f"caption_temperature {temperature}")
 
 

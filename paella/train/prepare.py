@@ -172,22 +172,28 @@ def preencode_shards(urls, out, vqgan, text_encoder=None, clip=None, image_size=
     return written, samples, skipped
 
 
-def restored_pairs(folder, out, pipe, strength=1.0, copies=1, seed=0, batch_size=32):
+def restored_pairs(folder, out, pipe, strength=1.0, copies=1, seed=0, batch_size=32, image_size=None):
     """Tokens the pipeline's generator restores, paired with the image they should show: data for training
     a VQGAN decoder to draw the real image from the generator's (imperfect) tokens (`paella train-vq` on
     the file). For every image of the folder, one row of its own tokens and ``copies`` rows of its tokens
     re-noised to ``strength`` and restored toward its caption (`Pipeline.edit`; strength 1 = generated
     from the caption alone). Tensors: ``tokens`` (N, h, w) int16, ``image`` (N, 3, H, W) uint8 and
-    ``restored`` (N,) bool; skipped files go in the metadata. Returns (rows, list of (name, reason) skipped)."""
+    ``restored`` (N,) bool; skipped files go in the metadata. Returns (rows, list of (name, reason) skipped).
+    image_size: the stored images' side (default: the pipeline's canvas); a larger one pairs the tokens of
+    the image averaged down to the canvas with the large image: data for a super-resolving decoder."""
     from PIL import Image
     w, h = pipe.image_size
     if w != h:
         raise ValueError(f"restored_pairs needs a square canvas, the pipeline's is {w}x{h}")
+    size = image_size or w
+    if size % w:
+        raise ValueError(f"image_size must be a multiple of the pipeline's canvas ({w} px), got {size}")
     generator = torch.Generator(pipe.device).manual_seed(seed)
     tokens, images, restored, skipped = [], [], [], []
-    for batch in batches_of(folder, w, batch_size, skipped):
-        pixels = (batch['image'] * 255).round().to(torch.uint8)                     # (b, 3, H, W)
-        pil = [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
+    for batch in batches_of(folder, size, batch_size, skipped):
+        pixels = (batch['image'] * 255).round().to(torch.uint8)                     # (b, 3, size, size)
+        # the box filter averages whole pixel blocks: what a super-resolving VQGAN's encoder reads
+        pil = [Image.fromarray(p.permute(1, 2, 0).numpy()).resize((w, h), Image.BOX) for p in pixels]
         rows = [pipe.encode_images(pil)] + [pipe.edit(pil, batch['caption'], strength, generator=generator,
                                                       output='tokens') for _ in range(copies)]
         for i, t in enumerate(rows):
@@ -197,5 +203,5 @@ def restored_pairs(folder, out, pipe, strength=1.0, copies=1, seed=0, batch_size
     if not tokens:
         raise ValueError(f"no usable images in {folder}")
     tensors = {'tokens': torch.cat(tokens), 'image': torch.cat(images), 'restored': torch.cat(restored)}
-    write(out, tensors, {'strength': strength, 'copies': copies, 'seed': seed, 'image_size': w, 'skipped': skipped})
+    write(out, tensors, {'strength': strength, 'copies': copies, 'seed': seed, 'image_size': size, 'skipped': skipped})
     return len(tensors['tokens']), skipped

@@ -58,12 +58,18 @@ class VQGANConfig(TrainConfig):
     commit_weight: float = 0.25     # commitment loss weight (moves the encoder's outputs toward their codes)
     l1_weight: float = 1.0          # reconstruction = l1_weight x L1 + MSE (0: MSE alone, what PSNR measures)
     dead_code_every: int = 20       # restart codes unused for this many steps (0: never)
+    crop: int = 0                   # token/image pairs: train on a random square of this many tokens a side
+                                    # of each pair, and its pixels (0: whole pictures)
 
     def check(self, world):
         super().check(world)
-        if isinstance(self.dead_code_every, bool) or not isinstance(self.dead_code_every, int) \
-                or self.dead_code_every < 0:
-            raise ValueError(f"--dead-code-every must be an integer >= 0, got {self.dead_code_every!r}")
+        for name in ('dead_code_every', 'crop'):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}")
+        if self.crop and not self.data.endswith('.safetensors'):
+            raise ValueError("--crop is for token/image pairs (paella restored-pairs); an image folder is "
+                             "cropped by --image-size")
 
 
 @dataclass
@@ -270,9 +276,11 @@ class VQTask(Task):
 
     def loss(self, model, batch, s):
         if self.pairs:
-            x = batch['image'].to(self.device).float() / 255                # (b, 3, H, W)
-            recon = model(indices=batch['tokens'].long().to(self.device))
-            loss, metrics = 0, {}
+            tokens, x = batch['tokens'].long(), batch['image'].float() / 255    # (b, h, w), (b, 3, H, W)
+            if self.cfg.crop:
+                tokens, x = crop_pairs(tokens, x, self.cfg.crop, s)
+            recon = model(indices=tokens.to(self.device))
+            x, loss, metrics = x.to(self.device), 0, {}
         else:
             x = batch['image'].to(self.device)
             recon, (codebook, commitment), idx, latent = model(x, details=True)   # through DDP, if any
@@ -313,6 +321,18 @@ class VQTask(Task):
             if dist.is_initialized():
                 dist.broadcast(codebook.data, src=0)
         self.usage.zero_()
+
+
+def crop_pairs(tokens, images, size, s):
+    """A random square of ``size`` tokens a side of each pair (b, h, w), and the pixels it covers in its image
+    (b, 3, H, W); the corners are the step's draws ``s`` (per row, as every random draw of the trainer)."""
+    b, h, w = tokens.shape
+    if size > min(h, w):
+        raise ValueError(f"--crop {size} is larger than the {h}x{w} token grids")
+    f = images.shape[-1] // w                                                   # pixels per token
+    rows, cols = s.randint(h - size + 1).tolist(), s.randint(w - size + 1).tolist()   # (b,) each
+    return (torch.stack([t[i:i + size, j:j + size] for t, i, j in zip(tokens, rows, cols)]),
+            torch.stack([im[:, i * f:(i + size) * f, j * f:(j + size) * f] for im, i, j in zip(images, rows, cols)]))
 
 
 class PriorTask(Task):

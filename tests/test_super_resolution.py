@@ -1,0 +1,80 @@
+"""The super-resolving VQGAN (`VQConfig.sr_levels`): grown from a VQGAN it reads the same tokens and first
+draws the old picture upsampled; token/image pairs at 4x the canvas train it on random crops that keep
+tokens and pixels aligned, and it really learns; `restored_pairs` writes such pairs."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import synth
+from paella import VQModel
+from paella.train import RECIPES, train
+from paella.train.distributed import Slice
+from paella.train.prepare import write
+from paella.train.recipes import crop_pairs
+from paella.train.state import init_from
+
+
+def grown(tmp_path):
+    """(a tiny VQGAN with non-trivial weights, the same grown by two super-resolving stages)."""
+    torch.manual_seed(0)
+    old = VQModel(VQModel.make_config('tiny'))
+    for p in old.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    old.save_pretrained(tmp_path / 'vq0')
+    sr = VQModel(VQModel.make_config('tiny', sr_levels=2))
+    init_from(sr, tmp_path / 'vq0', log=False)
+    return old.eval(), sr.eval()
+
+
+def test_a_grown_model_reads_the_same_tokens_and_starts_as_the_old_picture_upsampled(tmp_path):
+    old, sr = grown(tmp_path)
+    assert (old.downsampling, sr.downsampling) == (4, 16)
+    big = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        idx = sr.encode_indices(big)                                             # (2, 4, 4)
+        assert torch.equal(idx, old.encode_indices(F.avg_pool2d(big, 4)))       # it reads the averaged image
+        native = sr.decode_indices(idx, native=True)
+        assert torch.equal(native, old.decode_indices(idx)) and native.shape == (2, 3, 16, 16)
+        up = F.interpolate(native, scale_factor=4, mode='bilinear', align_corners=False)
+        assert torch.equal(sr.decode_indices(idx), up)                          # the detail starts at zero
+    with pytest.raises(ValueError, match='divisible'):
+        sr.encode_indices(torch.rand(1, 3, 40, 40))                              # 40 px: not 16 px a token
+
+
+def test_crops_keep_tokens_and_pixels_aligned():
+    tokens = torch.arange(2 * 4 * 5).view(2, 4, 5)                               # (b, h, w)
+    images = tokens.repeat_interleave(3, 1).repeat_interleave(3, 2)[:, None].expand(-1, 3, -1, -1)  # 3 px a token
+    s = Slice(range(2), 2, torch.Generator().manual_seed(0))
+    t, x = crop_pairs(tokens, images, 2, s)
+    assert t.shape == (2, 2, 2) and x.shape == (2, 3, 6, 6)
+    assert torch.equal(x[:, 0], t.repeat_interleave(3, 1).repeat_interleave(3, 2))
+    assert len({tuple(r.flatten().tolist()) for r in t}) == 2                  # each pair its own square
+    with pytest.raises(ValueError, match='larger than'):
+        crop_pairs(tokens, images, 5, s)
+
+
+def test_training_on_large_pairs_learns_the_detail(tmp_path):
+    """Pairs of (tokens of the 16 px picture, the 64 px picture): the new stages learn what the upsampled
+    old picture misses; everything else stays as it was."""
+    old, _ = grown(tmp_path)
+    folder = synth.image_folder(tmp_path / 'shapes', size=64)
+    from paella.data import ImageFolder
+    big = torch.stack([ImageFolder(folder, 64, random_crop=False)[i]['image'] for i in range(8)])   # (8, 3, 64, 64)
+    with torch.no_grad():
+        tokens = old.encode_indices(F.avg_pool2d(big, 4))
+    write(tmp_path / 'pairs.safetensors', {'tokens': tokens.to(torch.int16), 'image': (big * 255).round().to(torch.uint8)},
+          {'image_size': 64})
+    frozen = 'in_block,down_blocks,vquantizer,up_blocks,out_block'
+    cfg = RECIPES['vqgan'].config(out=str(tmp_path / 'run'), preset='tiny', precision='fp32', warmup=5, log_every=10,
+                                  save_every=1000, tensorboard=False, data=str(tmp_path / 'pairs.safetensors'),
+                                  init=str(tmp_path / 'vq0'), model={'sr_levels': 2}, freeze=frozen, crop=2,
+                                  steps=60, batch_size=8, lr=3e-3, dead_code_every=0)
+    model = train(cfg).eval()
+    psnr = [json.loads(line)['psnr'] for line in open(tmp_path / 'run' / 'metrics.jsonl')]
+    assert psnr[-1] > psnr[0] + 1, psnr
+    assert torch.equal(model.encode_indices(big), tokens)
+    assert torch.equal(model.decode_indices(tokens, native=True), old.decode_indices(tokens))
+    with pytest.raises(ValueError, match='token/image pairs'):
+        RECIPES['vqgan'].config(out=str(tmp_path / 'r2'), data=str(folder), crop=2).check(1)
