@@ -204,7 +204,7 @@ def inpaint(pipe, image, mask, prompt, dilate=0, keep_pixels=True, o=Options()):
         raise ValueError(f"give one mask or one per image: {len(masks)} masks for {len(originals)} images")
     originals_masks = [load_mask(m, im.size) for m, im in zip(masks, originals)]
     dilate = checks.integer(dilate, 'dilate', 0, pipe.caps.side)
-    prompts, size, f = _broadcast(prompt, len(originals), pipe), pipe.image_size, pipe.vqgan.downsampling
+    prompts, size, f = _broadcast(prompt, len(originals), pipe), pipe.image_size, pipe.pixels_per_token
     for im in originals:
         if im.size != size:
             warnings.warn(f"the {im.size[0]}x{im.size[1]} image is inpainted on the model's {size[0]}x{size[1]} "
@@ -227,7 +227,7 @@ def outpaint(pipe, image, prompt, size, position='center', keep_pixels=True, o=O
     images = [load_image(im) for im in _images(image, pipe)]
     if len({im.size for im in images}) != 1:
         raise ValueError("images to outpaint together must have the same size")
-    f, (w, h) = pipe.vqgan.downsampling, images[0].size
+    f, (w, h) = pipe.pixels_per_token, images[0].size
     cw, ch = canvas_size(size, (w, h), pipe.pixel_multiple, pipe.caps)
     prompts = _broadcast(prompt, len(images), pipe)
     if w % f or h % f:
@@ -312,7 +312,7 @@ def regional(pipe, regions, size=None, background='', num_images=1, o=Options())
     pipeline's). Logits are blended per token by the regions' coverage (overlaps share)."""
     b = checks.count(num_images, 'num_images', pipe.caps.images)
     prompts, weights = region_weights(regions, size or pipe.image_size, background, pipe.pixel_multiple,
-                                      pipe.vqgan.downsampling, pipe.caps)
+                                      pipe.pixels_per_token, pipe.caps)
     generator = o.rng(pipe.device)
     cond, uncond, attn = pipe.conditions(prompts, o.negative_prompt, pipe.settings_with(o.overrides), generator)
     # The conditional branch: R*b rows, region-major; the unconditional one: b rows of the first.

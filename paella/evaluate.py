@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import psnr, tokens_to_images
+from .images import psnr
 
 
 def features(images):
@@ -46,9 +46,15 @@ def frechet(a, b, dims=64):
 
 
 def reconstruction_psnr(pipe, images, batch=64):
-    """PSNR of each image against its reconstruction by the pipeline's VQGAN (encode, then decode)."""
-    out = []
-    for lo in range(0, len(images), batch):
-        chunk = images[lo:lo + batch]
-        out += [psnr(r, x) for r, x in zip(tokens_to_images(pipe.vqgan, pipe.encode_images(chunk)), chunk)]
+    """PSNR of each image against its reconstruction by the pipeline's VQGAN (encode, then decode); images
+    smaller than the canvas of a super-resolving VQGAN go through its native path (the 64 px renders of a
+    256 px emoji pipeline: what its native decoder does with them)."""
+    out, native = [], pipe.native
+    pipe.native = native or images[0].size != pipe.image_size
+    try:
+        for lo in range(0, len(images), batch):
+            chunk = images[lo:lo + batch]
+            out += [psnr(r, x) for r, x in zip(pipe.decode(pipe.encode_images(chunk)), chunk)]
+    finally:
+        pipe.native = native
     return out

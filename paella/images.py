@@ -289,10 +289,10 @@ def psnr(a, b):
     return float(10 * np.log10(1 / max(((x - y) ** 2).mean(), 1e-10)))
 
 
-def tokens_to_images(vq, tokens):
-    """Token grids (B, h, w) -> list of PIL images."""
+def tokens_to_images(vq, tokens, native=False):
+    """Token grids (B, h, w) -> list of PIL images (``native``: without a VQGAN's super-resolving stages)."""
     with torch.no_grad():
-        pixels = vq.decode_indices(tokens).float().clamp(0, 1)            # (B, 3, 4h, 4w)
+        pixels = vq.decode_indices(tokens, native=native).float().clamp(0, 1)     # (B, 3, f h, f w)
     arrays = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arrays]
 

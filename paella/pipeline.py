@@ -33,8 +33,9 @@ class Pipeline:
     """Text to image (``pipe(prompts)``) and the editing modes of `paella.editing`."""
 
     def __init__(self, generator, vqgan, text_encoder, clip=None, prior=None, settings=None, specs=None, cache=None,
-                 captions=None):
+                 captions=None, native=False):
         self.generator, self.vqgan, self.text_encoder = generator.eval(), vqgan.eval(), text_encoder
+        self.native = native            # images at the VQGAN's native size, without its super-resolving stages
         self.captions = captions        # `paella.captions.Captions`: unseen prompts drawn as training captions
         self.runner = self.generator                # what the sampler calls: the generator, or compiled
         self.loras = {}                             # LoRA adapters on the generator: name -> (folder, scale)
@@ -67,15 +68,19 @@ class Pipeline:
         return tuple(r for r in checks.RENOISE_RULES if head or r != 'critic')
 
     @property
+    def pixels_per_token(self):     # the VQGAN's: 16 with two super-resolving stages, 4 if ``native``
+        return self.vqgan.native_downsampling if self.native else self.vqgan.downsampling
+
+    @property
     def pixel_multiple(self):
-        """Image sides must be multiples of this: the VQGAN's downsampling x the U-Net's."""
-        return self.vqgan.downsampling * self.generator.downsampling
+        """Image sides must be multiples of this: the pixels per token x the U-Net's downsampling."""
+        return self.pixels_per_token * self.generator.downsampling
 
     @property
     def image_size(self):
         """(W, H) in pixels of the pipeline's default canvas."""
         h, w = self.settings.latent_size
-        return w * self.vqgan.downsampling, h * self.vqgan.downsampling
+        return w * self.pixels_per_token, h * self.pixels_per_token
 
     def compile(self):
         """Sample through torch.compile (CUDA graphs on GPUs); the first call of each shape compiles."""
@@ -157,21 +162,20 @@ class Pipeline:
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder=None, device=None, dtype='auto', low_memory=None, cache=None):
+    def from_pretrained(cls, folder=None, device=None, dtype='auto', low_memory=None, cache=None, native=False):
         """A pipeline folder; with no folder, the emoji model shipped inside the package. dtype: of the
         generator and the prior ('auto': bfloat16 where native, float32 elsewhere; see paella.speed); the
-        VQGAN and the text encoder stay float32.
-
-        low_memory: one large model in memory at a time (`paella.loading`), every encoder in ``dtype``; None
-        (default): on when the models would fill most of the available RAM. cache: an `EmbeddingCache` or
-        its folder for the prompts' text and CLIP embeddings (default: none, or `default_cache_folder()` in
-        low memory); False: none."""
-        return cls(**pipeline_parts(folder, device, dtype, low_memory, cache))
+        VQGAN and the text encoder stay float32. native: images at the VQGAN's native size (without its
+        super-resolving stages). low_memory: one large model in memory at a time (`paella.loading`), every
+        encoder in ``dtype``; None (default): on when the models would fill most of the available RAM.
+        cache: an `EmbeddingCache` or its folder for the prompts' text and CLIP embeddings (default: none,
+        or `default_cache_folder()` in low memory); False: none."""
+        return cls(**pipeline_parts(folder, device, dtype, low_memory, cache), native=native)
 
     def settings_with(self, overrides):
         """The pipeline's settings with some fields replaced (a dict: steps=, cfg=, ...), each checked."""
         checks.overrides(overrides, Settings)
-        return checks.settings(replace(self.settings, **tuples(overrides)), self.caps, self.vqgan.downsampling)
+        return checks.settings(replace(self.settings, **tuples(overrides)), self.caps, self.pixels_per_token)
 
     def options(self, seed=None, generator=None, negative_prompt='', callback=None, output='pil', overrides=None):
         """One call's `Options`, every value checked before any work (`paella.checks`)."""
@@ -244,7 +248,7 @@ class Pipeline:
         # (B, H, W): the initial tokens' shape, or one grid per row of the unconditional branch
         shape = tuple(init_x.shape) if init_x is not None else (len(uncond['byt5']), *s.latent_size)
         checks.count(shape[0], 'the number of images', self.caps.images)
-        checks.canvas([v * self.vqgan.downsampling for v in shape[:0:-1]], self.caps, 'canvas')
+        checks.canvas([v * self.pixels_per_token for v in shape[:0:-1]], self.caps, 'canvas')
         tokens = sample(model or self.runner, cond, shape, uncond, steps=s.steps, renoise_steps=s.renoise_steps,
                         temperature=s.temperature, cfg=s.cfg, t_start=t_start,
                         sampling_conditional_steps=s.sampling_conditional_steps,
@@ -270,7 +274,7 @@ class Pipeline:
             pixels.append(np.asarray(im, dtype=np.float32) / 255)
         x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(self.device)   # (B, 3, H, W)
         with torch.no_grad():
-            return self.vqgan.encode_indices(x.to(next(self.vqgan.parameters()).dtype))
+            return self.vqgan.encode_indices(x.to(next(self.vqgan.parameters()).dtype), self.native)
 
     def decode(self, tokens, output='pil', paste=None, sizes=None):
         """PIL images of token grids (B, H, W) (``output='tokens'``: the grids themselves), each resized to
@@ -278,7 +282,7 @@ class Pipeline:
         pixels go back in at (x, y)."""
         if checks.choice(output, 'output', ('pil', 'tokens')) == 'tokens':
             return tokens
-        images = tokens_to_images(self.vqgan, tokens)
+        images = tokens_to_images(self.vqgan, tokens, self.native)
         for i, size in enumerate(sizes or ()):
             images[i] = images[i].resize(size, Image.BICUBIC)    # a copy where the size is already right
         for i, (original, keep, (x, y)) in enumerate(paste or ()):

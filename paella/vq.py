@@ -142,8 +142,13 @@ class VQModel(Pretrained, nn.Module, config_class=VQConfig, presets=PRESETS, def
         """Image pixels per token a side: 4 for the published model, 16 with two super-resolving stages."""
         return 2 ** (self.config.levels + self.config.sr_levels)
 
-    def _check_images(self, x):
-        f = self.downsampling
+    @property
+    def native_downsampling(self):
+        """Pixels per token without the super-resolving stages (`decode_indices(native=True)`)."""
+        return 2 ** self.config.levels
+
+    def _check_images(self, x, native=False):
+        f = self.native_downsampling if native else self.downsampling
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"images must be a float tensor (B, 3, H, W) in [0, 1], "
                              f"got {getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
@@ -156,10 +161,10 @@ class VQModel(Pretrained, nn.Module, config_class=VQConfig, presets=PRESETS, def
                              f"{getattr(idx, 'dtype', type(idx))} {tuple(getattr(idx, 'shape', ()))}")
         check_token_range(idx, self.codebook_size)
 
-    def _encode(self, x):
+    def _encode(self, x, native=False):
         """(quantized, latent, indices (B, h, w), (codebook loss, commitment loss)), unscaled."""
-        self._check_images(x)
-        if self.config.sr_levels:                                # the encoder reads the native size
+        self._check_images(x, native)
+        if self.config.sr_levels and not native:                 # the encoder reads the native size
             x = F.avg_pool2d(x, 2 ** self.config.sr_levels)
         x = self.down_blocks(self.in_block(x))                   # (B, c_latent, h, w)
         qe, losses, indices = self.vquantizer(x, dim=1)
@@ -171,9 +176,10 @@ class VQModel(Pretrained, nn.Module, config_class=VQConfig, presets=PRESETS, def
         qe, latent, indices, (codebook, commitment) = self._encode(x)
         return qe / self.scale_factor, latent / self.scale_factor, indices, codebook + commitment * 0.25
 
-    def encode_indices(self, x):
-        """Token ids (B, H/f, W/f) of images in [0, 1]."""
-        return self.encode(x)[2]
+    def encode_indices(self, x, native=False):
+        """Token ids (B, H/f, W/f) of images in [0, 1], f = `downsampling` (``native``: images at the native
+        size, f = `native_downsampling`)."""
+        return self._encode(x, native)[2]
 
     def _draw(self, h, native):
         """Images from the decoder's last features h (B, c, H/2, W/2): at the native size (f4), or through

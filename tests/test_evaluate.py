@@ -63,14 +63,14 @@ def test_assemble_and_generate(tmp_path, minilm, capsys):
     assert 'unrecognized arguments: --settings.stepz' in capsys.readouterr().err
 
 
-def real_folder(folder, names):
-    """A `paella data openmoji` folder of just these emoji, rendered at 64 px."""
+def real_folder(folder, names, size=64):
+    """A `paella data openmoji` folder of just these emoji, rendered at ``size`` px."""
     from paella_openmoji import render
     folder.mkdir()
     with open(folder / 'metadata.jsonl', 'w') as meta:
         for svg, name, *_ in catalogue():
             if name in names:
-                (folder / f'{svg.stem}.png').write_bytes(render(svg, 64))
+                (folder / f'{svg.stem}.png').write_bytes(render(svg, size))
                 meta.write(json.dumps({'file_name': f'{svg.stem}.png', 'text': name}) + '\n')
     return folder
 

@@ -40,7 +40,8 @@ def load_pipeline(args, **kwargs):
     """The --model pipeline (default: the shipped one) with --low-memory / --keep-encoders and --lora."""
     from ..pipeline import Pipeline
     low = True if getattr(args, 'low_memory', False) else False if getattr(args, 'keep_encoders', False) else None
-    pipe = Pipeline.from_pretrained(args.model, device=args.device, low_memory=low, **kwargs)
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, low_memory=low,
+                                    native=getattr(args, 'native_size', False), **kwargs)
     for path, scale in getattr(args, 'lora', None) or ():
         pipe.load_lora(path, scale)
     return pipe
@@ -146,6 +147,12 @@ def caption_temperature(text):
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
+
+
+def native_size_arg(p):
+    p.add_argument('--native-size', action='store_true',
+                   help="images at the VQGAN's native size, without its super-resolving stages (the emoji model: "
+                        "64 px instead of 256; inputs, masks and canvas sizes then in those pixels)")
 
 
 def caption_temperature_arg(p):

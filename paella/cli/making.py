@@ -5,7 +5,8 @@ import json
 
 from .. import flags
 from ..checks import RENOISE_RULES
-from .common import Cfg, caption_temperature_arg, load_pipeline, lora_args, overrides, positive, print_skipped
+from .common import (Cfg, caption_temperature_arg, load_pipeline, lora_args, native_size_arg, overrides, positive,
+                     print_skipped)
 
 
 def checkpoint_args(p):
@@ -191,6 +192,8 @@ def cmd_train(args):
 def parse_eval(p):
     p.add_argument('--model', help='pipeline folder (default: the shipped emoji model)')
     p.add_argument('--data', help='real renders (a paella data folder; default: built on the fly)')
+    p.add_argument('--data-large', metavar='DIR', help="a model drawing larger than --data's renders (a super-"
+                   "resolving decoder): the renders at its size (default: built on the fly)")
     p.add_argument('--n', type=int, help='emoji scored (default 200; with --style: the 50 held-out concepts)')
     p.add_argument('--seed', type=int, default=0, help='picks the scored emoji and seeds the samples')
     p.add_argument('--seeds', type=positive, default=1, metavar='K',
@@ -200,6 +203,7 @@ def parse_eval(p):
     p.add_argument('--renoise', metavar='RULE', choices=RENOISE_RULES,
                    help=f"re-noising rule: {', '.join(RENOISE_RULES)} (default: the model's)")
     caption_temperature_arg(p)
+    native_size_arg(p)
     p.add_argument('--regional', type=int, metavar='TRIALS',
                    help='instead: the regional-prompt check over this many seeded trials (e.g. 20)')
     p.add_argument('--style', choices=['twemoji'],
@@ -226,7 +230,7 @@ def cmd_eval(args):
                              HELD_OUT if args.n is None else args.n, **overrides(args))
     else:
         lines = eval_lines(pipe, args.data, 200 if args.n is None else args.n, args.seed, args.seeds, args.regional,
-                           **overrides(args))
+                           args.data_large, **overrides(args))
     for line in lines:
         print(line, flush=True)
 

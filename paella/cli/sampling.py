@@ -3,8 +3,8 @@ import argparse
 import sys
 
 from .. import checks, flags
-from .common import (Cfg, box_or_mask, caption_temperature_arg, load_pipeline, lora_args, memory_args, number,
-                     overrides, parse_size, position, progress)
+from .common import (Cfg, box_or_mask, caption_temperature_arg, load_pipeline, lora_args, memory_args,
+                     native_size_arg, number, overrides, parse_size, position, progress)
 
 
 def sampling_args(p, output, seed=None):
@@ -18,6 +18,7 @@ def sampling_args(p, output, seed=None):
     p.add_argument('--renoise', metavar='RULE', help="which tokens go back to noise after each step: random "
                    "(published), confidence (the least probable) or halton (a spread order) (default: the model's)")
     caption_temperature_arg(p)
+    native_size_arg(p)
     p.add_argument('--negative-prompt', default='', help='what the image should not be')
     p.add_argument('--grid', action='store_true', help='save all images as one grid')
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')

@@ -205,3 +205,15 @@ def restored_pairs(folder, out, pipe, strength=1.0, copies=1, seed=0, batch_size
     tensors = {'tokens': torch.cat(tokens), 'image': torch.cat(images), 'restored': torch.cat(restored)}
     write(out, tensors, {'strength': strength, 'copies': copies, 'seed': seed, 'image_size': size, 'skipped': skipped})
     return len(tensors['tokens']), skipped
+
+
+def crop_pairs(tokens, images, size, s):
+    """A random square of ``size`` tokens a side of each pair (b, h, w), and the pixels it covers in its image
+    (b, 3, H, W); the corners are the step's draws ``s`` (per row, as every random draw of the trainer)."""
+    b, h, w = tokens.shape
+    if size > min(h, w):
+        raise ValueError(f"--crop {size} is larger than the {h}x{w} token grids")
+    f = images.shape[-1] // w                                                   # pixels per token
+    rows, cols = s.randint(h - size + 1).tolist(), s.randint(w - size + 1).tolist()   # (b,) each
+    return (torch.stack([t[i:i + size, j:j + size] for t, i, j in zip(tokens, rows, cols)]),
+            torch.stack([im[:, i * f:(i + size) * f, j * f:(j + size) * f] for im, i, j in zip(images, rows, cols)]))

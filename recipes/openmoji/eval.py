@@ -90,20 +90,39 @@ def real_set_psnr(pipe, real):
     return dict(zip(real, reconstruction_psnr(pipe, list(real.values()))))
 
 
-def generate(pipe, prompts, seed, batch, overrides):
+def generate(pipe, prompts, seed, batch, overrides, size=None, output='pil'):
     """Images for the prompts in batches, batch i seeded ``seed + i * batch`` (a prompt's image does not
-    depend on the other prompts of the list beyond its batch)."""
-    images = []
+    depend on the other prompts of the list beyond its batch), averaged down to ``size`` (W, H) where the
+    pipeline draws larger (a super-resolving decoder measured at the renders' size); ``output='tokens'``:
+    the token grids (B, h, w) instead."""
+    out = []
     for lo in range(0, len(prompts), batch):
-        images += pipe(prompts[lo:lo + batch], seed=seed + lo, **overrides)
-    return images
+        out += list(pipe(prompts[lo:lo + batch], seed=seed + lo, output=output, **overrides))
+    if output == 'tokens':
+        return torch.stack(out)
+    return [im.resize(size, Image.BOX) if size and im.size != tuple(size) else im for im in out]
 
 
-def evaluate(pipe, folder, n=200, seed=0, batch=16, recon=None, **overrides):
-    """The report (a dict) for pipeline ``pipe`` against the real renders in ``folder``. ``recon``: the
-    folder's `real_set_psnr`, when several reports share it (it does not depend on the seed)."""
+def large_psnr(pipe, tokens, names, large):
+    """Median PSNR at the pipeline's (larger) size of the pictures of ``tokens`` (B, h, w) against the large
+    renders of ``names`` ({name: render}), and of the same tokens drawn at the native size and upscaled
+    bicubically (what the native decoder gives at that size)."""
+    from paella.images import tokens_to_images
+    side = pipe.image_size
+    mine = pipe.decode(tokens)
+    upscaled = [im.resize(side, Image.BICUBIC) for im in tokens_to_images(pipe.vqgan, tokens, native=True)]
+    return {'median_psnr_to_target_large': round(float(np.median([psnr(g, large[k]) for g, k in zip(mine, names)])), 2),
+            'median_psnr_to_target_bicubic': round(float(np.median([psnr(g, large[k]) for g, k in zip(upscaled, names)])), 2)}
+
+
+def evaluate(pipe, folder, n=200, seed=0, batch=16, recon=None, large=None, **overrides):
+    """The report (a dict) for pipeline ``pipe`` against the real renders in ``folder``, at their size
+    (pictures drawn larger are averaged down to it). ``recon``: the folder's `real_set_psnr`, when several
+    reports share it (it does not depend on the seed). ``large``: {name: render at the pipeline's size}, for
+    the PSNR of a super-resolving decoder's pictures at their own size (`large_psnr`)."""
     real = load_real(folder)
     recon = real_set_psnr(pipe, real) if recon is None else recon
+    size = next(iter(real.values())).size
     targets = sorted({t for _, t in PARAPHRASES if t in real})
     rest = sorted(set(real) - set(targets))
     # The pool: every paraphrase target, filled up with other emoji drawn with the seed.
@@ -112,8 +131,9 @@ def evaluate(pipe, folder, n=200, seed=0, batch=16, recon=None, **overrides):
     index = {name: i for i, name in enumerate(names)}
     real_feats = features([real[name] for name in names])
 
-    gen = generate(pipe, names, seed, batch, overrides)
-    para = generate(pipe, [p for p, _ in paraphrases], seed, batch, overrides)
+    tokens = generate(pipe, names, seed, batch, overrides, output='tokens')                # (n, h, w)
+    gen = [im.resize(size, Image.BOX) if im.size != size else im for im in pipe.decode(tokens)]
+    para = generate(pipe, [p for p, _ in paraphrases], seed, batch, overrides, size)
     gen_feats = features(gen)
     top1, top5 = retrieval(gen_feats, real_feats, list(range(len(names))))
     p1, p5 = retrieval(features(para), real_feats, [index[t] for _, t in paraphrases])
@@ -129,46 +149,60 @@ def evaluate(pipe, folder, n=200, seed=0, batch=16, recon=None, **overrides):
         'gap_db': round(float(np.mean(vq_psnr)) - median, 2),     # issue 5's "within 4 dB"
         'vqgan_psnr_real_set': round(float(np.mean(list(recon.values()))), 2),
         'chance_top1': round(1 / len(names), 4), 'chance_top5': round(5 / len(names), 4),
+        **(large_psnr(pipe, tokens, names, large) if large else {}),
     }
 
 
-def eval_lines(pipe, data=None, n=200, seed=0, seeds=1, regional=None, **overrides):
+def eval_lines(pipe, data=None, n=200, seed=0, seeds=1, regional=None, large=None, **overrides):
     """`paella eval`, line by line: the strings the command prints, in order, each computed when asked for
     (so a caller that prints them as they come shows every seed's line as soon as it is done).
 
-    data: the real renders (a `paella data openmoji` folder); None builds one, at the pipeline's image
+    data: the real renders (a `paella data openmoji` folder); None builds one, at the pipeline's native
     size, in a temporary folder (``paella-eval-*``, 8.6 MB at 64 px) removed at the end, on an error, and
-    when the caller stops early (this generator closed or dropped). regional: a number of trials -> one
+    when the caller stops early (this generator closed or dropped). large: the renders at the pipeline's
+    size where it draws larger (a super-resolving decoder; None: built likewise), for `large_psnr`. regional: a number of trials -> one
     line, the regional-prompt check, instead of the report. seeds=1: the report, indented; seeds=K: one line per
     seed ``seed`` .. ``seed + K - 1``, then their mean / min / max. overrides: sampling settings."""
-    with renders(pipe, data) as folder:
-        yield from _report_lines(pipe, folder, n, seed, seeds, regional, overrides)
+    with renders(pipe, data) as folder, large_renders(pipe, folder, large) as big:
+        yield from _report_lines(pipe, folder, n, seed, seeds, regional, big, overrides)
 
 
 @contextlib.contextmanager
-def renders(pipe, data=None):
-    """The real renders' folder: ``data``, or (None) one built at the pipeline's image size in a temporary
-    folder, removed when the block ends."""
+def large_renders(pipe, folder, large=None):
+    """{name: render at the pipeline's size} when it draws larger than ``folder``'s renders (a super-resolving
+    decoder): from the folder ``large``, or rendered for the run; else None."""
+    if next(iter(load_real(folder).values())).size == pipe.image_size:
+        yield None
+        return
+    with renders(pipe, large, pipe.image_size[0]) as big:
+        yield load_real(big)
+
+
+@contextlib.contextmanager
+def renders(pipe, data=None, size=None):
+    """The real renders' folder: ``data``, or (None) one built in a temporary folder, removed when the block
+    ends, at ``size`` px (default: the pipeline's native size, what its generator's tokens were made from:
+    64 px for the emoji model, also where a super-resolving decoder draws 256)."""
     if data is not None:
         yield Path(data)
         return
     from .dataset import build
     with tempfile.TemporaryDirectory(prefix='paella-eval-') as tmp:
         folder = Path(tmp) / 'openmoji'
-        build(folder, pipe.settings.latent_size[0] * pipe.vqgan.downsampling)
+        build(folder, size or pipe.settings.latent_size[0] * pipe.vqgan.native_downsampling)
         yield folder
 
 
-def _report_lines(pipe, folder, n, seed, seeds, regional, overrides):
+def _report_lines(pipe, folder, n, seed, seeds, regional, large, overrides):
     if regional:
         rate, wins = regional_trials(pipe, load_real(folder), regional, seed, **overrides)
         yield json.dumps({'regional_trials': len(wins), 'regional_rate': rate})
         return
     if seeds == 1:
-        yield json.dumps(evaluate(pipe, folder, n=n, seed=seed, **overrides), indent=2)
+        yield json.dumps(evaluate(pipe, folder, n=n, seed=seed, large=large, **overrides), indent=2)
         return
     recon, reports = real_set_psnr(pipe, load_real(folder)), []            # the same for every seed
     for s in range(seed, seed + seeds):
-        reports.append(evaluate(pipe, folder, n=n, seed=s, recon=recon, **overrides))
+        reports.append(evaluate(pipe, folder, n=n, seed=s, recon=recon, large=large, **overrides))
         yield json.dumps({'seed': s, **reports[-1]})
     yield json.dumps({'seeds': seeds, **summarize(reports)})

@@ -166,9 +166,10 @@ def report(pipe, real, seed=0, n=200, batch=16, **overrides):
     from paella.evaluate import retrieval
     names = list(real)
     real_feats = features([real[k] for k in names])
+    size = real[names[0]].size                  # pictures drawn larger are measured averaged down to it
 
     def clean(images):                                   # (N,) bool and the nearest render's name
-        d, i = nearest(images, real_feats)
+        d, i = nearest([im.resize(size, Image.BOX) if im.size != size else im for im in images], real_feats)
         return (d < CLEAN_THRESHOLD).numpy(), [names[j] for j in i]
 
     # n names drawn at random with the seed (not the main report's pool, which starts with its paraphrase
