@@ -15,25 +15,14 @@ of every render at the large size, edge sharpness, and decoding time.
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 
-def renders(folder):
-    """{file name: RGB image} of a `paella data openmoji` folder's name rows."""
-    rows = [json.loads(line) for line in (Path(folder) / 'metadata.jsonl').read_text().splitlines()]
-    return {r['file_name']: Image.open(Path(folder) / r['file_name']).convert('RGB') for r in rows if not r.get('alias')}
-
-
 def array(im):
     return np.asarray(im, dtype=np.float64) / 255
-
-
-def psnr(a, b):
-    return float(10 * np.log10(1 / max(((array(a) - array(b)) ** 2).mean(), 1e-10)))
 
 
 def gradient_energy(im):
@@ -71,11 +60,13 @@ def main():
     p.add_argument('--large', required=True, help='the same renders at the large size (e.g. --size 256)')
     p.add_argument('--n', type=int, default=None, help='only the first N renders')
     args = p.parse_args()
+    from paella.images import psnr
     from paella.loading import default_model_path
     from paella.vq import VQModel
+    from paella_openmoji.eval import load_real
     sr = VQModel.from_pretrained(args.vqgan, dtype=torch.float32).eval()
     base = VQModel.from_pretrained(args.base or default_model_path() / 'vqgan', dtype=torch.float32).eval()
-    small, large = renders(args.small), renders(args.large)
+    small, large = load_real(args.small), load_real(args.large)
     names = sorted(small.keys() & large.keys())[:args.n]
     side = large[names[0]].size[0]
     up = [im.resize((side, side), Image.BICUBIC) for im in pictures(base, [small[k] for k in names], True)]

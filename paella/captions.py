@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, atomic_write
+from .model import text_pool
 
 FOLDER, META, TENSORS = 'captions', 'captions.json', 'captions.safetensors'
 KEY_SOFTNESS = 0.02     # a target's similarity: softness * log sum exp(key similarity / softness) over its keys
@@ -38,14 +39,10 @@ def normal(text):
 
 @torch.no_grad()
 def embed(encoder, texts, batch=256):
-    """(N, D) unit sentence embeddings: the mean of each text's token states (padding left out)."""
-    out = []
-    for lo in range(0, len(texts), batch):
-        enc = encoder.encode(list(texts[lo:lo + batch]))
-        mask = enc.mask[..., None].to(enc.states.dtype)                         # (B, L, 1)
-        mean = (enc.states * mask).sum(1) / mask.sum(1).clamp(min=1)            # (B, D)
-        out.append(torch.nn.functional.normalize(mean.float(), dim=-1).cpu())
-    return torch.cat(out)
+    """(N, D) unit sentence embeddings: `text_pool` of each text's token states, what the generator's
+    pooled-text input is and what sentence-transformers computes for MiniLM."""
+    return torch.cat([text_pool(encoder.encode(list(texts[lo:lo + batch])).states).float().cpu()
+                      for lo in range(0, len(texts), batch)])
 
 
 def folder_pairs(folder):

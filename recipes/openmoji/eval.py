@@ -90,26 +90,28 @@ def real_set_psnr(pipe, real):
     return dict(zip(real, reconstruction_psnr(pipe, list(real.values()))))
 
 
-def generate(pipe, prompts, seed, batch, overrides, size=None, output='pil'):
+def generate(pipe, prompts, seed, batch, overrides, output='pil'):
     """Images for the prompts in batches, batch i seeded ``seed + i * batch`` (a prompt's image does not
-    depend on the other prompts of the list beyond its batch), averaged down to ``size`` (W, H) where the
-    pipeline draws larger (a super-resolving decoder measured at the renders' size); ``output='tokens'``:
-    the token grids (B, h, w) instead."""
+    depend on the other prompts of the list beyond its batch); ``output='tokens'``: the token grids
+    (B, h, w) instead."""
     out = []
     for lo in range(0, len(prompts), batch):
         out += list(pipe(prompts[lo:lo + batch], seed=seed + lo, output=output, **overrides))
-    if output == 'tokens':
-        return torch.stack(out)
-    return [im.resize(size, Image.BOX) if size and im.size != tuple(size) else im for im in out]
+    return torch.stack(out) if output == 'tokens' else out
 
 
-def large_psnr(pipe, tokens, names, large):
-    """Median PSNR at the pipeline's (larger) size of the pictures of ``tokens`` (B, h, w) against the large
-    renders of ``names`` ({name: render}), and of the same tokens drawn at the native size and upscaled
-    bicubically (what the native decoder gives at that size)."""
+def at_size(images, size):
+    """The images averaged down (box filter) to ``size`` (W, H) where they differ: a super-resolving
+    decoder's pictures measured at the renders' size."""
+    return [im.resize(size, Image.BOX) if im.size != tuple(size) else im for im in images]
+
+
+def large_psnr(pipe, tokens, mine, names, large):
+    """Median PSNR at the pipeline's (larger) size of ``mine``, the pictures of ``tokens`` (B, h, w), against
+    the large renders of ``names`` ({name: render}), and of the same tokens drawn at the native size and
+    upscaled bicubically (what the native decoder gives at that size)."""
     from paella.images import tokens_to_images
     side = pipe.image_size
-    mine = pipe.decode(tokens)
     upscaled = [im.resize(side, Image.BICUBIC) for im in tokens_to_images(pipe.vqgan, tokens, native=True)]
     return {'median_psnr_to_target_large': round(float(np.median([psnr(g, large[k]) for g, k in zip(mine, names)])), 2),
             'median_psnr_to_target_bicubic': round(float(np.median([psnr(g, large[k]) for g, k in zip(upscaled, names)])), 2)}
@@ -132,8 +134,9 @@ def evaluate(pipe, folder, n=200, seed=0, batch=16, recon=None, large=None, **ov
     real_feats = features([real[name] for name in names])
 
     tokens = generate(pipe, names, seed, batch, overrides, output='tokens')                # (n, h, w)
-    gen = [im.resize(size, Image.BOX) if im.size != size else im for im in pipe.decode(tokens)]
-    para = generate(pipe, [p for p, _ in paraphrases], seed, batch, overrides, size)
+    drawn = pipe.decode(tokens)                                                        # the pipeline's size
+    gen = at_size(drawn, size)
+    para = at_size(generate(pipe, [p for p, _ in paraphrases], seed, batch, overrides), size)
     gen_feats = features(gen)
     top1, top5 = retrieval(gen_feats, real_feats, list(range(len(names))))
     p1, p5 = retrieval(features(para), real_feats, [index[t] for _, t in paraphrases])
@@ -149,7 +152,7 @@ def evaluate(pipe, folder, n=200, seed=0, batch=16, recon=None, large=None, **ov
         'gap_db': round(float(np.mean(vq_psnr)) - median, 2),     # issue 5's "within 4 dB"
         'vqgan_psnr_real_set': round(float(np.mean(list(recon.values()))), 2),
         'chance_top1': round(1 / len(names), 4), 'chance_top5': round(5 / len(names), 4),
-        **(large_psnr(pipe, tokens, names, large) if large else {}),
+        **(large_psnr(pipe, tokens, drawn, names, large) if large else {}),
     }
 
 

@@ -162,14 +162,14 @@ def calibrate(pipe, real, t=0.3, seed=0):
 def report(pipe, real, seed=0, n=200, batch=16, **overrides):
     """The free-form report (a dict) for one seed. real: {name: render} (`eval.load_real`), all of them the
     pool of "nearest render"."""
-    from .eval import generate
+    from .eval import at_size, generate
     from paella.evaluate import retrieval
     names = list(real)
     real_feats = features([real[k] for k in names])
     size = real[names[0]].size                  # pictures drawn larger are measured averaged down to it
 
     def clean(images):                                   # (N,) bool and the nearest render's name
-        d, i = nearest([im.resize(size, Image.BOX) if im.size != size else im for im in images], real_feats)
+        d, i = nearest(at_size(images, size), real_feats)
         return (d < CLEAN_THRESHOLD).numpy(), [names[j] for j in i]
 
     # n names drawn at random with the seed (not the main report's pool, which starts with its paraphrase
