@@ -1,12 +1,12 @@
-"""A super-resolving VQGAN (`VQConfig.sr_levels`) against today's 64 px decoder upscaled: reconstruction PSNR
+"""A super-resolving VQGAN (`VQConfig.sr_levels`) against the 64 px decoder upscaled: reconstruction PSNR
 of every render at the large size, edge sharpness, and decoding time.
 
-    python benchmarks/sr_decoder.py --vqgan runs/vq-sr/model --small runs/openmoji64 --large runs/openmoji256
+    python benchmarks/sr_decoder.py --small runs/openmoji64 --large runs/openmoji256     # the shipped VQGAN
 
 - ``sr``: each large render encoded by the super-resolving VQGAN (its encoder reads the render averaged
   down to 64 px) and decoded at the large size;
-- ``bicubic``: each 64 px render encoded and decoded by ``--base`` (default: the shipped VQGAN), the
-  picture upscaled bicubically (Pillow) to the large size;
+- ``bicubic``: each 64 px render encoded and decoded by ``--base``'s native path (default: the same VQGAN's,
+  which is the 64 px decoder it grew from), the picture upscaled bicubically (Pillow) to the large size;
 - PSNR against the large render (mean over all renders); sharpness: the picture's gradient energy (mean
   squared difference of neighbouring pixels, x and y) over the render's (1: as sharp as the drawing);
 - decoding time per image at batch 8 (median of 7, after a warm-up), the native 64 px path and the large
@@ -36,7 +36,7 @@ def pictures(vq, images, native, batch=64):
     for lo in range(0, len(images), batch):
         x = torch.from_numpy(np.stack([array(im) for im in images[lo:lo + batch]])).float().permute(0, 3, 1, 2)
         with torch.no_grad():
-            y = vq.decode_indices(vq.encode_indices(x), native=native).clamp(0, 1)
+            y = vq.decode_indices(vq.encode_indices(x, native), native=native).clamp(0, 1)
         out += [Image.fromarray(a) for a in (y.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)]
     return out
 
@@ -54,8 +54,8 @@ def ms_per_image(vq, native, batch=8, repeats=7):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--vqgan', required=True, help='the super-resolving VQGAN (model folder)')
-    p.add_argument('--base', default=None, help="today's VQGAN (default: the shipped model's)")
+    p.add_argument('--vqgan', default=None, help="the super-resolving VQGAN (default: the shipped model's)")
+    p.add_argument('--base', default=None, help="the 64 px VQGAN (default: --vqgan's native path)")
     p.add_argument('--small', required=True, help='renders at 64 px (paella data openmoji --size 64)')
     p.add_argument('--large', required=True, help='the same renders at the large size (e.g. --size 256)')
     p.add_argument('--n', type=int, default=None, help='only the first N renders')
@@ -64,8 +64,8 @@ def main():
     from paella.loading import default_model_path
     from paella.vq import VQModel
     from paella_openmoji.eval import load_real
-    sr = VQModel.from_pretrained(args.vqgan, dtype=torch.float32).eval()
-    base = VQModel.from_pretrained(args.base or default_model_path() / 'vqgan', dtype=torch.float32).eval()
+    sr = VQModel.from_pretrained(args.vqgan or default_model_path() / 'vqgan', dtype=torch.float32).eval()
+    base = VQModel.from_pretrained(args.base, dtype=torch.float32).eval() if args.base else sr
     small, large = load_real(args.small), load_real(args.large)
     names = sorted(small.keys() & large.keys())[:args.n]
     side = large[names[0]].size[0]

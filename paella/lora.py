@@ -16,11 +16,13 @@ adapter onto another generator is an error (its update was learnt against those 
 import hashlib
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import checks
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write, digest
 
 # the layers a LoRA adapter wraps by default (peft matches a module name or its dotted suffix)
@@ -166,3 +168,28 @@ def remove(model, merge=False):
         model.source = None
     model.__dict__.pop('peft_config', None)         # peft's record of the adapters it added
     return model
+
+
+class Adapters:
+    """`paella.pipeline.Pipeline`'s LoRA methods: adapters on its generator, taken off, or fused into it."""
+
+    def load_lora(self, path, scale=1.0):
+        """Add a LoRA adapter folder (`paella.lora`, written by `paella finetune`) to the generator at
+        ``scale`` (0: no effect; 1: as trained); several add up, each at its own scale. Returns its name.
+        ValueError where it was trained on another generator. A compiled pipeline runs uncompiled after."""
+        name = f'lora{len(self.loras)}'
+        load(self.generator, path, name, checks.number(scale, 'LoRA scale', -100, 100))
+        self.loras[name], self.runner = (str(path), scale), self.generator
+        return name
+
+    def unload_lora(self):
+        """Take every LoRA adapter off: the generator computes exactly what it did before them."""
+        remove(self.generator)
+        self.loras, self.runner = {}, self.generator
+
+    def fuse_lora(self):
+        """Add the adapters' updates to the generator's weights (faster sampling; `save_pretrained` then
+        writes a pipeline with them built in, without the retrieval prior); they can no longer be taken off."""
+        remove(self.generator, merge=True)
+        self.loras, self.runner = {}, self.generator        # it may know captions the retrieval prior does not:
+        self.captions, self.settings = None, replace(self.settings, caption_temperature=None)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import checks, editing
+from . import checks, editing, lora
 from .captions import save_captions
 from .checkpoint import atomic_write
 from .editing import Options
@@ -29,7 +29,7 @@ from .sampler import sample
 from .settings import PIPELINE_NAME, Settings, tuples
 from .vq import VQModel
 
-class Pipeline:
+class Pipeline(lora.Adapters):
     """Text to image (``pipe(prompts)``) and the editing modes of `paella.editing`."""
 
     def __init__(self, generator, vqgan, text_encoder, clip=None, prior=None, settings=None, specs=None, cache=None,
@@ -88,30 +88,6 @@ class Pipeline:
         self.runner = compile_model(self.generator)
         return self
 
-    def load_lora(self, path, scale=1.0):
-        """Add a LoRA adapter folder (`paella.lora`, written by `paella finetune`) to the generator at
-        ``scale`` (0: no effect; 1: as trained); several add up, each at its own scale. Returns its name.
-        ValueError where it was trained on another generator. A compiled pipeline runs uncompiled after."""
-        from . import lora
-        name = f'lora{len(self.loras)}'
-        lora.load(self.generator, path, name, checks.number(scale, 'LoRA scale', -100, 100))
-        self.loras[name], self.runner = (str(path), scale), self.generator
-        return name
-
-    def unload_lora(self):
-        """Take every LoRA adapter off: the generator computes exactly what it did before them."""
-        from . import lora
-        lora.remove(self.generator)
-        self.loras, self.runner = {}, self.generator
-
-    def fuse_lora(self):
-        """Add the adapters' updates to the generator's weights (faster sampling; `save_pretrained` then
-        writes a pipeline with them built in, without the retrieval prior); they can no longer be taken off."""
-        from . import lora
-        lora.remove(self.generator, merge=True)
-        self.loras, self.runner = {}, self.generator        # it may know captions the retrieval prior does not:
-        self.captions, self.settings = None, replace(self.settings, caption_temperature=None)
-
     @classmethod
     def v3(cls, paella, vqgan, prior, byt5='google/byt5-xl', clip='laion/CLIP-ViT-H-14-laion2B-s32B-b79K',
            device=None, dtype='auto', preset=None, low_memory=None, cache=None):
@@ -122,10 +98,11 @@ class Pipeline:
         return cls(**v3_parts(paella, vqgan, prior, byt5, clip, device, dtype, preset, low_memory, cache))
 
     @classmethod
-    def assemble(cls, generator, vqgan, text_encoder='minilm', pad_to=24, image_size=64, **settings):
+    def assemble(cls, generator, vqgan, text_encoder='minilm', pad_to=24, image_size=None, **settings):
         """A pipeline from a trained generator and VQGAN (model folders) and a text encoder ('minilm',
         'minilm:<folder>', 'byt5:<name or folder>'; see `conditioning.encoder_spec`), with neutral
-        `Settings` for a square canvas of ``image_size`` pixels; ``settings``: fields to change."""
+        `Settings` for a square canvas of ``image_size`` pixels (default: 16 tokens a side); ``settings``:
+        fields to change."""
         from .conditioning import encoder_spec, load_text_encoder
         names = [f.name for f in fields(Settings)]
         for key in settings:
@@ -135,7 +112,7 @@ class Pipeline:
         if spec is None:
             raise ValueError("a pipeline needs a text encoder, got 'none'")
         gen, vq = Paella.from_pretrained(generator), VQModel.from_pretrained(vqgan)
-        grid = image_size // vq.downsampling
+        grid = 16 if image_size is None else image_size // vq.downsampling
         s = checks.settings(Settings(**tuples({'latent_size': (grid, grid), **settings})), checks.Caps())
         return cls(gen, vq, load_text_encoder(spec), settings=s, specs={'text_encoder': spec})
 

@@ -12,6 +12,7 @@ from paella.editing import pixel_to_token_mask, slerp
 from paella.pipeline import Pipeline
 
 FAST = dict(steps=3, renoise_steps=2)
+S, F = 256, 16          # the shipped model's canvas side and pixels per token (16x16 tokens)
 PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -35,7 +36,7 @@ def test_token_mask_any_pixel_and_dilation():
 
 
 @PROPERTY
-@given(seed=st.integers(0, 2 ** 31), size=st.sampled_from([(64, 64), (48, 80), (100, 60)]),
+@given(seed=st.integers(0, 2 ** 31), size=st.sampled_from([(S, S), (192, 320), (400, 240)]),
        boxes=st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0.05, 0.6), st.floats(0.05, 0.6)),
                       min_size=1, max_size=3), dilate=st.integers(0, 1))
 def test_inpaint_keeps_unmasked_tokens_exactly(pipe, apple, seed, size, boxes, dilate):
@@ -47,33 +48,33 @@ def test_inpaint_keeps_unmasked_tokens_exactly(pipe, apple, seed, size, boxes, d
     out = pipe.inpaint(image, mask, 'fire engine', dilate=dilate, seed=seed, output='tokens', **FAST)
     original = pipe.encode_images(image)                   # the image at the model's canvas size
     resized = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(pipe.image_size, Image.BOX)) > 0
-    kept = ~pixel_to_token_mask(resized, pipe.vqgan.downsampling, dilate)
+    kept = ~pixel_to_token_mask(resized, pipe.pixels_per_token, dilate)
     assert torch.equal(out[0][kept], original[0][kept])
 
 
 @PROPERTY
-@given(seed=st.integers(0, 2 ** 31), canvas=st.tuples(st.sampled_from([64, 96, 128]), st.sampled_from([64, 96, 128])),
+@given(seed=st.integers(0, 2 ** 31), canvas=st.tuples(st.sampled_from([S, 384, 512]), st.sampled_from([S, 384, 512])),
        corner=st.tuples(st.floats(0, 1), st.floats(0, 1)))
 def test_outpaint_keeps_the_image_tokens_exactly(pipe, apple, seed, canvas, corner):
-    x, y = int(corner[0] * (canvas[0] - 64)) // 4 * 4, int(corner[1] * (canvas[1] - 64)) // 4 * 4
+    x, y = int(corner[0] * (canvas[0] - S)) // F * F, int(corner[1] * (canvas[1] - S)) // F * F
     out = pipe.outpaint(apple, 'grass', canvas, (x, y), seed=seed, output='tokens', **FAST)
-    assert out.shape == (1, canvas[1] // 4, canvas[0] // 4)
-    assert torch.equal(out[0, y // 4:y // 4 + 16, x // 4:x // 4 + 16], pipe.encode_images(apple)[0])
+    assert out.shape == (1, canvas[1] // F, canvas[0] // F)
+    assert torch.equal(out[0, y // F:y // F + 16, x // F:x // F + 16], pipe.encode_images(apple)[0])
 
 
 def test_inpaint_and_outpaint_keep_pixels(pipe, apple):
-    mask = np.zeros((64, 64), dtype=bool)
-    mask[:, 40:] = True
+    mask = np.zeros((S, S), dtype=bool)
+    mask[:, 160:] = True
     out = np.asarray(pipe.inpaint(apple, mask, 'fire engine', seed=0, **FAST)[0])
-    assert np.array_equal(out[:, :40], np.asarray(apple)[:, :40])
-    assert not np.array_equal(out[:, 40:], np.asarray(apple)[:, 40:])
-    wide = pipe.outpaint(apple, 'grass', (128, 64), 'right', seed=0, **FAST)[0]
-    assert wide.size == (128, 64) and np.array_equal(np.asarray(wide)[:, 64:], np.asarray(apple))
+    assert np.array_equal(out[:, :160], np.asarray(apple)[:, :160])
+    assert not np.array_equal(out[:, 160:], np.asarray(apple)[:, 160:])
+    wide = pipe.outpaint(apple, 'grass', (2 * S, S), 'right', seed=0, **FAST)[0]
+    assert wide.size == (2 * S, S) and np.array_equal(np.asarray(wide)[:, S:], np.asarray(apple))
 
 
 def test_outpaint_rounds_the_canvas_up_with_a_notice(pipe, apple):
-    with pytest.warns(UserWarning, match='rounded up to 128x64'):
-        out = pipe.outpaint(apple, 'grass', (100, 64), seed=0, output='tokens', **FAST)
+    with pytest.warns(UserWarning, match='rounded up to 512x256'):     # sides: multiples of 128 px (8 tokens)
+        out = pipe.outpaint(apple, 'grass', (400, S), seed=0, output='tokens', **FAST)
     assert out.shape == (1, 16, 32)
 
 
@@ -106,15 +107,15 @@ def test_edit_strength_ends(pipe, apple):
 
 
 def test_every_mode_repeats_with_its_seed_and_changes_without(pipe, apple):
-    mask = np.zeros((64, 64), dtype=bool)
-    mask[16:48, 16:48] = True
+    mask = np.zeros((S, S), dtype=bool)
+    mask[64:192, 64:192] = True
     modes = {
         'variations': lambda seed: pipe.variations(apple, 2, seed=seed, output='tokens', **FAST),
         'inpaint': lambda seed: pipe.inpaint([apple, apple], mask, 'ghost', seed=seed, output='tokens', **FAST),
-        'outpaint': lambda seed: pipe.outpaint(apple, 'grass', (96, 64), seed=seed, output='tokens', **FAST),
+        'outpaint': lambda seed: pipe.outpaint(apple, 'grass', (384, S), seed=seed, output='tokens', **FAST),
         'interpolate': lambda seed: pipe.interpolate('sun', 'moon', 3, seed=seed, output='tokens', **FAST),
         'edit': lambda seed: pipe.edit(apple, 'green apple', 0.6, seed=seed, output='tokens', **FAST),
-        'regional': lambda seed: pipe.regional([('sun', (0, 0, 32, 64)), ('moon', (32, 0, 64, 64))],
+        'regional': lambda seed: pipe.regional([('sun', (0, 0, 128, S)), ('moon', (128, 0, S, S))],
                                                num_images=2, seed=seed, output='tokens', **FAST),
     }
     for name, run in modes.items():
@@ -151,7 +152,7 @@ def test_negative_prompt_changes_the_unconditional_branch(pipe):
     a = pipe.tokens('red apple', seed=0)
     assert torch.equal(a, pipe.tokens('red apple', negative_prompt='', seed=0))
     assert not torch.equal(a, pipe.tokens('red apple', negative_prompt='green apple', seed=0))
-    mask = np.ones((64, 64), dtype=bool)
+    mask = np.ones((S, S), dtype=bool)
     x = pipe.inpaint(pipe('sun', seed=0)[0], mask, 'red apple', negative_prompt='green apple', seed=0,
                      output='tokens', **FAST)
     y = pipe.inpaint(pipe('sun', seed=0)[0], mask, 'red apple', seed=0, output='tokens', **FAST)
@@ -159,7 +160,7 @@ def test_negative_prompt_changes_the_unconditional_branch(pipe):
 
 
 def test_regional_prompts_follow_their_halves(pipe):
-    """20 seeded trials on a 128x64 canvas (left / right 64x64 halves); measured rate: 20 / 20."""
+    """20 seeded trials on a 512x256 canvas (left / right 256 px halves); measured rate: 20 / 20."""
     from paella_openmoji import REGIONAL_PAIRS, catalogue, regional_trials, render
     wanted = {name for pair in REGIONAL_PAIRS for name in pair}
     real = {name: Image.open(io.BytesIO(render(svg, 64))).convert('RGB')
@@ -172,15 +173,15 @@ def test_regional_prompts_follow_their_halves(pipe):
 def test_bad_input_is_refused_clearly(pipe, apple, tmp_path):
     (tmp_path / 'notes.txt').write_text('not an image')
     with pytest.raises(ValueError, match='same size'):
-        pipe.inpaint(apple, np.ones((32, 32), dtype=bool), 'x')
+        pipe.inpaint(apple, np.ones((128, 128), dtype=bool), 'x')
     with pytest.raises(ValueError, match='not a readable image'):
         pipe.inpaint(apple, tmp_path / 'notes.txt', 'x')
     with pytest.raises(ValueError, match='must be a PIL image, a file path'):
         pipe.inpaint(apple, 3.5, 'x')
     with pytest.raises(ValueError, match='smaller than the image'):
-        pipe.outpaint(apple, 'x', (32, 64))
+        pipe.outpaint(apple, 'x', (128, S))
     with pytest.raises(ValueError, match='does not fit'):
-        pipe.outpaint(apple, 'x', (96, 64), (64, 0))
+        pipe.outpaint(apple, 'x', (384, S), (S, 0))
     for strength in (-0.1, 1.5):
         with pytest.raises(ValueError, match='strength must be between 0 and 1'):
             pipe.edit(apple, 'x', strength)
@@ -193,7 +194,7 @@ def test_bad_input_is_refused_clearly(pipe, apple, tmp_path):
     with pytest.raises(ValueError, match='non-empty list'):
         pipe.regional([])
     with pytest.raises(ValueError, match='inside'):
-        pipe.regional([('a', (0, 0, 200, 64))])
+        pipe.regional([('a', (0, 0, 800, S))])
     with pytest.raises(ValueError, match='does not exist'):
         pipe.edit(tmp_path / 'missing.png', 'x', 0.5)
 
@@ -205,10 +206,10 @@ def test_cli_modes(tmp_path, apple, hf_offline, capsys):
     apple.save(tmp_path / 'apple.png')
     runs = {
         'interpolate': ['interpolate', 'sun', 'moon', '-n', '3', '--grid'],
-        'regional': ['regional', '--region', 'sun', '0,0,64,64', '--region', 'moon', '64,0,128,64',
-                     '--size', '128x64'],
+        'regional': ['regional', '--region', 'sun', '0,0,256,256', '--region', 'moon', '256,0,512,256',
+                     '--size', '512x256'],
     }
-    sizes = {'interpolate': (192, 64), 'regional': (128, 64)}
+    sizes = {'interpolate': (3 * S, S), 'regional': (2 * S, S)}
     for name, argv in runs.items():
         out = tmp_path / f'{name}.png'
         assert main(argv + ['--seed', '0', '--steps', '3', '-o', str(out)]) == 0, name

@@ -66,7 +66,7 @@ CASES = [
     ("unknown setting 'stepz'", None, ('__call__', ('x',), dict(stepz=3), TypeError)),
     ('cfg must be a number between 0 and 100, got nan',
      ['generate', 'x', '--cfg', 'nan'], ('__call__', ('x',), dict(cfg=float('nan')), ValueError)),
-    ('latent_size must be between 1 and 256, got 1000',              # 1024 pixels a side / the VQGAN's 4
+    ('latent_size must be between 1 and 64, got 1000',               # 1024 pixels a side / the VQGAN's 16
      None, ('__call__', ('x',), dict(latent_size=(1000, 1000)), ValueError)),
     ('a box coordinate must be a number between 0 and',
      ['regional', '--region', 'x', 'inf,0,1,1'], ('regional', ([('x', (float('inf'), 0, 1, 1))],), {}, ValueError)),

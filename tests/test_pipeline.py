@@ -164,7 +164,7 @@ def test_assemble_rebuilds_the_shipped_pipeline(tmp_path, hf_offline):
     pipe = Pipeline.assemble(tmp_path / 'gen', tmp_path / 'vq', **stored)
     assert pipe.settings == shipped.settings and pipe.specs == shipped.specs
     assert torch.equal(pipe.tokens('red apple', seed=0, steps=3), shipped.tokens('red apple', seed=0, steps=3))
-    small = Pipeline.assemble(tmp_path / 'gen', tmp_path / 'vq', image_size=32, steps=4)
+    small = Pipeline.assemble(tmp_path / 'gen', tmp_path / 'vq', image_size=128, steps=4)    # 16 px a token
     assert small.settings == Settings(latent_size=(8, 8), steps=4)
     with pytest.raises(ValueError, match="unknown setting 'stepz'; settings: latent_size, steps"):
         Pipeline.assemble(tmp_path / 'gen', tmp_path / 'vq', stepz=3)

@@ -86,8 +86,8 @@ def workspace(tmp_path_factory, tiny_t5_dir, tiny_clip_dir):
     folder = tmp_path_factory.mktemp('readme')
     for name, file in [('paella_tiny', 'paella_v3.pt'), ('vqgan_f4_tiny', 'vqgan_f4.pt'), ('prior_tiny', 'prior_v1.pt')]:
         torch.save(load_fixture(name)[0], folder / file)
-    mask = Image.new('L', (64, 64))
-    mask.paste(255, (32, 0, 64, 64))
+    mask = Image.new('L', (256, 256))                   # the shipped model's canvas
+    mask.paste(255, (128, 0, 256, 256))
     mask.save(folder / 'mask.png')
     real = real_folder(folder / 'real', {'red apple', 'fire engine', 'pizza', 'rocket', 'ghost', 'banana'})
     return folder, {'t5': str(tiny_t5_dir), 'clip': str(tiny_clip_dir), 'real': str(real)}
@@ -162,13 +162,14 @@ def test_eval_without_data_leaves_no_temporary_folder(shipped_once, monkeypatch,
     built = []
 
     def build(out, size):                                          # 6 emoji instead of all of them
-        built.append(out)
-        return real_folder(out, {'red apple', 'fire engine', 'pizza', 'rocket', 'ghost', 'banana'})
+        built.append((out, size))
+        return real_folder(out, {'red apple', 'fire engine', 'pizza', 'rocket', 'ghost', 'banana'}, size)
     monkeypatch.setattr(paella_openmoji.dataset, 'build', build)
     for _ in range(2):
         assert main(['eval', '--n', '6', '--steps', '2']) == 0
         assert json.loads(capsys.readouterr().out)['emoji'] == 6
-    assert len(built) == 2 and all(p.is_relative_to(scratch) for p in built)
+    # each run: the 64 px renders the tokens come from, the 256 px ones the pictures are measured against
+    assert [size for _, size in built] == [64, 256] * 2 and all(p.is_relative_to(scratch) for p, _ in built)
     assert list(scratch.iterdir()) == []
 
     def broken(out, size):
@@ -181,6 +182,6 @@ def test_eval_without_data_leaves_no_temporary_folder(shipped_once, monkeypatch,
     monkeypatch.setattr(paella_openmoji.dataset, 'build', build)
     lines = eval_lines(Pipeline.from_pretrained(), None, n=6, seeds=2, steps=2)
     next(lines)                                                    # the first seed's line, then stop
-    assert len(list(scratch.iterdir())) == 1
+    assert len(list(scratch.iterdir())) == 2
     lines.close()
     assert list(scratch.iterdir()) == []

@@ -5,6 +5,7 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -22,11 +23,11 @@ def server(tmp_path_factory):
 
 def test_generate_returns_pngs(server):
     status, body = post_json(server + '/v1/generate', {'prompt': 'red apple', 'seed': 0})
-    assert status == 200 and Image.open(io.BytesIO(body)).size == (64, 64)
+    assert status == 200 and Image.open(io.BytesIO(body)).size == (256, 256)
     again = post_json(server + '/v1/generate', {'prompt': 'red apple', 'seed': 0})[1]
     assert again == body                                               # seeded
     status, body = post_json(server + '/v1/generate', {'prompt': 'red apple', 'num_images': 3, 'steps': 4})
-    assert status == 200 and Image.open(io.BytesIO(body)).size == (192, 64)   # a grid
+    assert status == 200 and Image.open(io.BytesIO(body)).size == (768, 256)   # a grid
 
 
 def test_cfg_takes_a_number_or_a_start_end_schedule(server):
@@ -46,15 +47,15 @@ def test_renoise_picks_the_rule(server):
         assert status == 200 and body != default, rule
     body, headers = multipart({'prompt': 'tomato', 'seed': '1', 'renoise': 'halton'}, {'image': ('a.png', default)})
     status, out = call(server + '/v1/edit', body, headers)
-    assert status == 200 and Image.open(io.BytesIO(out)).size == (64, 64)
+    assert status == 200 and Image.open(io.BytesIO(out)).size == (256, 256)
 
 
 def test_edit_takes_an_uploaded_image(server):
     buf = io.BytesIO()
-    Image.new('RGB', (64, 64), (220, 30, 30)).save(buf, 'PNG')
+    Image.new('RGB', (256, 256), (220, 30, 30)).save(buf, 'PNG')
     body, headers = multipart({'prompt': 'red apple', 'strength': '0.5', 'seed': '1'}, {'image': ('a.png', buf.getvalue())})
     status, out = call(server + '/v1/edit', body, headers)
-    assert status == 200 and Image.open(io.BytesIO(out)).size == (64, 64)
+    assert status == 200 and Image.open(io.BytesIO(out)).size == (256, 256)
 
 
 def test_bad_requests_get_a_4xx_with_a_message(server):
@@ -117,8 +118,8 @@ def test_forty_concurrent_requests(server):
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason='needs Debian chromium (.ci/run installs it)')
 def test_web_app_in_chromium(server, tmp_path):
-    """As a person would: a result fills the gallery uncropped, a mistake reads as a sentence, and the
-    inpainting brush is small enough for a 64 px image."""
+    """As a person would: a result shows at its own size (256 px, neither blown up nor cropped), a mistake
+    reads as a sentence, and the inpainting brush is smaller than a token."""
     from playwright.sync_api import sync_playwright
     shot = os.environ.get('PAELLA_SCREENSHOT') or str(tmp_path / 'serve.png')
     with sync_playwright() as p:
@@ -130,10 +131,17 @@ def test_web_app_in_chromium(server, tmp_path):
         image = page.locator('#generate-gallery img').first
         image.wait_for(state='visible', timeout=120_000)
         page.wait_for_timeout(300)
-        assert image.evaluate('img => img.naturalWidth') == 64
+        picture = np.asarray(Image.open(io.BytesIO(page.request.get(image.get_attribute('src')).body())).convert('RGB'),
+                             dtype=int)                                                        # (256, 256, 3)
+        shown = np.asarray(Image.open(io.BytesIO(image.screenshot())).convert('RGB'), dtype=int)   # as drawn
+        assert picture.shape == (256, 256, 3) and shown.shape[0] >= 256 and shown.shape[1] >= 256
+        # the picture pixel for pixel, centred in its cell: neither blown up (blurred) nor cut
+        cy, cx = (shown.shape[0] - 256) // 2, (shown.shape[1] - 256) // 2
+        assert min(np.abs(shown[y:y + 256, x:x + 256] - picture).max()
+                   for y in (cy, cy + 1) for x in (cx, cx + 1)) <= 2
         box, frame = image.bounding_box(), page.locator('#generate-gallery').bounding_box()
-        assert box['width'] >= 0.8 * frame['width'] / 2 and box['width'] == box['height']   # a column of two, square
-        assert box['y'] >= frame['y'] and box['y'] + box['height'] <= frame['y'] + frame['height']
+        assert frame['x'] <= box['x'] and box['x'] + box['width'] <= frame['x'] + frame['width']
+        assert frame['y'] <= box['y'] and box['y'] + box['height'] <= frame['y'] + frame['height']
         page.screenshot(path=shot)
         page.get_by_role('tab', name='edit').click()
         page.locator('#edit').click()                                   # no image uploaded
@@ -159,12 +167,12 @@ def test_web_app_in_chromium(server, tmp_path):
         page.locator('#inpaint').click()
         result = page.locator('#inpaint-gallery img').first
         result.wait_for(state='visible', timeout=120_000)
-        assert result.evaluate('img => img.naturalWidth') == 64
+        assert result.evaluate('img => img.naturalWidth') == 256
         browser.close()
     assert os.path.getsize(shot) > 10_000
     config = json.loads(call(server + '/config')[1])
     brushes = [c['props']['brush'] for c in config['components'] if c.get('type') == 'imageeditor']
-    assert brushes and all(b['default_size'] <= 64 / 16 for b in brushes)
+    assert brushes and all(b['default_size'] < 16 for b in brushes)             # a token is 16 px
 
 
 def test_every_web_mode_through_gradio_api(server, tmp_path):
@@ -172,8 +180,8 @@ def test_every_web_mode_through_gradio_api(server, tmp_path):
     apple = tmp_path / 'apple.png'
     status, body = post_json(server + '/v1/generate', {'prompt': 'red apple', 'seed': 0})
     apple.write_bytes(body)
-    paint = Image.new('RGBA', (64, 64), (0, 0, 0, 0))
-    paint.paste((255, 255, 255, 255), (32, 0, 64, 64))
+    paint = Image.new('RGBA', (256, 256), (0, 0, 0, 0))
+    paint.paste((255, 255, 255, 255), (128, 0, 256, 256))
     paint.save(tmp_path / 'paint.png')
     client = Client(server + '/', verbose=False)
     settings = ['', 0, 4, 1.5, 1.5, 'halton']        # negative prompt, seed, steps, cfg first / last step, renoise
@@ -181,7 +189,7 @@ def test_every_web_mode_through_gradio_api(server, tmp_path):
         '/generate': ['red apple', 2, *settings],
         '/inpaint': [{'background': handle_file(str(apple)), 'layers': [handle_file(str(tmp_path / 'paint.png'))],
                       'composite': None}, 'banana', *settings],
-        '/outpaint': [handle_file(str(apple)), 'green apple', 128, 64, 'left', *settings],
+        '/outpaint': [handle_file(str(apple)), 'green apple', 512, 256, 'left', *settings],
         '/variations': [handle_file(str(apple)), 2, 0.6, *settings],
         '/interpolate': ['red apple', 'green apple', 3, 'slerp', *settings],
         '/edit': [handle_file(str(apple)), 'tomato', 0.5, *settings],
@@ -190,7 +198,7 @@ def test_every_web_mode_through_gradio_api(server, tmp_path):
     for api_name, args in calls.items():
         gallery = client.predict(*args, api_name=api_name)
         assert len(gallery) == expected[api_name], api_name
-        assert Image.open(gallery[0]['image']).size[1] == 64, api_name
+        assert Image.open(gallery[0]['image']).size[1] == 256, api_name
     with pytest.raises(Exception, match='greater than maximum value 50'):   # the slider's own limit
         client.predict('red apple', 1, '', 0, 500, 1.5, 1.5, api_name='/generate')
     with pytest.raises(Exception, match='best'):                               # the dropdown's choices

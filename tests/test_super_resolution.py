@@ -81,53 +81,52 @@ def test_training_on_large_pairs_learns_the_detail(tmp_path):
 
 
 @pytest.fixture(scope='module')
-def sr_folder(tmp_path_factory, hf_offline):
-    """The shipped pipeline with its VQGAN grown by two (untrained) super-resolving stages: 256 px pictures."""
+def native_folder(tmp_path_factory, hf_offline):
+    """The shipped pipeline with its VQGAN cut back to the native decoder: the 64 px pipeline it was before
+    the super-resolving stages were trained (their training kept every other weight as it was)."""
     import shutil
     from paella.pipeline import default_model_path
-    folder = tmp_path_factory.mktemp('sr') / 'pipe'
+    folder = tmp_path_factory.mktemp('native') / 'pipe'
     shutil.copytree(default_model_path(), folder)
     shutil.rmtree(folder / 'vqgan')
-    base = VQModel.from_pretrained(default_model_path() / 'vqgan')
-    grown = VQModel(VQModel.make_config('small', **{**vars(base.config), 'sr_levels': 2}))
-    init_from(grown, default_model_path() / 'vqgan', log=False)
-    grown.save_pretrained(folder / 'vqgan')
+    shipped = VQModel.from_pretrained(default_model_path() / 'vqgan')
+    old = VQModel(VQModel.make_config('small', **{**vars(shipped.config), 'sr_levels': 0}))
+    old.load_state_dict({k: v for k, v in shipped.state_dict().items() if not k.startswith('sr_')})
+    old.save_pretrained(folder / 'vqgan')
     return folder
 
 
-def test_a_pipeline_with_it_draws_256_px_from_the_same_tokens_and_64_when_native(sr_folder, tmp_path):
+def test_the_shipped_pipeline_draws_256_px_from_the_same_tokens_and_64_when_native(native_folder, tmp_path):
     import numpy as np
     from PIL import Image
     from paella.cli import main
     from paella.pipeline import Pipeline
-    shipped, sr = Pipeline.from_pretrained(), Pipeline.from_pretrained(sr_folder)
-    native = Pipeline.from_pretrained(sr_folder, native=True)
-    assert (sr.image_size, sr.pixel_multiple, native.image_size) == ((256, 256), 128, (64, 64))
-    assert torch.equal(sr.tokens(['red apple', 'a cat'], seed=0), shipped.tokens(['red apple', 'a cat'], seed=0))
+    old, sr = Pipeline.from_pretrained(native_folder), Pipeline.from_pretrained()
+    native = Pipeline.from_pretrained(native=True)
+    assert (sr.image_size, sr.pixel_multiple, native.image_size, old.image_size) == ((256, 256), 128, (64, 64), (64, 64))
+    assert torch.equal(sr.tokens(['red apple', 'a cat'], seed=0), old.tokens(['red apple', 'a cat'], seed=0))
     big, small = sr(['red apple'], seed=0)[0], native(['red apple'], seed=0)[0]
-    assert big.size == (256, 256) and np.array_equal(np.asarray(small), np.asarray(shipped(['red apple'], seed=0)[0]))
-    # it reads the picture averaged down (in float32; Pillow's box filter rounds to whole levels first)
-    same = sr.encode_images([big]) == native.encode_images([big.resize((64, 64), Image.BOX)])
-    assert same.float().mean() > 0.95
+    assert big.size == (256, 256) and np.array_equal(np.asarray(small), np.asarray(old(['red apple'], seed=0)[0]))
+    x = torch.from_numpy(np.asarray(big, dtype=np.float32) / 255).permute(2, 0, 1)[None]   # (1, 3, 256, 256)
+    assert torch.equal(sr.encode_images([big]), old.vqgan.encode_indices(F.avg_pool2d(x, 4)))   # read averaged down
     mask = Image.new('L', (256, 256))
     mask.paste(255, (128, 0, 256, 256))                                       # right half, in 256 px
     assert sr.inpaint(big, mask, 'banana', seed=1)[0].size == (256, 256)
     assert sr.outpaint(big, 'green apple', (512, 256), 'left', seed=2)[0].size == (512, 256)
     out = tmp_path / 'native.png'
-    assert main(['generate', 'red apple', '--model', str(sr_folder), '--seed', '0', '--native-size', '-o', str(out)]) == 0
-    assert Image.open(out).size == (64, 64)
+    assert main(['generate', 'red apple', '--seed', '0', '--native-size', '-o', str(out)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(old(['red apple'], seed=0)[0]))
 
 
-def test_eval_measures_at_both_sizes(sr_folder, tmp_path, capsys):
+def test_eval_measures_at_both_sizes(tmp_path, capsys, hf_offline):
     from paella.cli import main
     from test_evaluate import real_folder
     names = {'red apple', 'fire engine', 'pizza', 'rocket', 'ghost', 'banana'}
     small, large = real_folder(tmp_path / 'r64', names), real_folder(tmp_path / 'r256', names, 256)
-    assert main(['eval', '--model', str(sr_folder), '--data', str(small), '--data-large', str(large), '--n', '6',
-                 '--steps', '2']) == 0
+    assert main(['eval', '--data', str(small), '--data-large', str(large), '--n', '6']) == 0
     report = json.loads(capsys.readouterr().out)
     for key in ('top1', 'median_psnr_to_target', 'median_psnr_to_target_large', 'median_psnr_to_target_bicubic'):
         assert key in report, key
     assert report['vqgan_psnr_real_set'] > 25             # the 64 px renders through the native path
-    # untrained stages draw the native picture upsampled bilinearly: close to bicubic, not better by much
-    assert abs(report['median_psnr_to_target_large'] - report['median_psnr_to_target_bicubic']) < 1.5
+    # the trained stages draw more than the native picture upscaled (12 seeds x 200 emoji: +2.09 dB)
+    assert report['median_psnr_to_target_large'] > report['median_psnr_to_target_bicubic'] + 0.5

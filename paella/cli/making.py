@@ -74,7 +74,8 @@ def parse_assemble(p):
     p.add_argument('--vqgan', required=True, help='VQGAN model folder')
     p.add_argument('--text-encoder', default='minilm', help="minilm, minilm:<folder> or byt5:<path> (default: minilm)")
     p.add_argument('--pad-to', type=int, default=24, help='text tokens per prompt, as in training (default: 24)')
-    p.add_argument('--image-size', type=int, default=64)
+    p.add_argument('--image-size', type=int, help="the canvas side in pixels (default: 16 tokens a side: 64 px "
+                   "with 4 px a token, 256 with a super-resolving VQGAN's 16)")
     flags.add_dotted(p, ['--settings'], Settings, 'sampling settings, e.g. --settings.steps 12 --settings.cfg 3')
     p.add_argument('--half', action='store_true', help='store the weights in float16')
     lora_args(p, 'a LoRA adapter folder (paella finetune) to build into the generator at a scale (default 1); '

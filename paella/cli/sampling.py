@@ -175,6 +175,7 @@ def parse_serve(p):
                    help='host names clients may use besides loopback ones (the name a proxy forwards; * for any)')
     p.add_argument('--device', help='cpu, cuda, ... (default: cpu)')
     p.add_argument('--api-only', action='store_true', help='the /v1 HTTP API without the web app')
+    native_size_arg(p)
     memory_args(p)
     lora_args(p)
     flags.add_config(p, Limits)

@@ -18,9 +18,6 @@ from .service import Upload
 
 log = logging.getLogger('paella.serve')
 CACHE_AGE = 600                       # seconds a web result or upload stays downloadable
-CSS = """
-.result img { image-rendering: pixelated; }
-"""
 
 
 def _image_input(gr, label):
@@ -29,7 +26,7 @@ def _image_input(gr, label):
     return Image(label=label, type='filepath', image_mode=None, sources=['upload', 'clipboard'])
 
 
-def text_to_image(gr, lim):
+def text_to_image(gr, lim, pipe):
     inputs = [gr.Textbox(label='prompt', value='red apple', max_length=lim.max_prompt, elem_id='prompt'),
               gr.Slider(1, lim.max_images, value=1, step=1, label='images')]
 
@@ -39,12 +36,14 @@ def text_to_image(gr, lim):
     return inputs, call
 
 
-def inpaint(gr, lim):
+def inpaint(gr, lim, pipe):
     from .widgets import ImageEditor
-    # a small white brush: the default (1/50 of the canvas, at least 25 px) covers most of a 64 px image
+    # a small white brush, 3/64 of the canvas (3 px at 64, 12 at 256: under a token): Gradio's default (1/50 of
+    # the canvas, at least 25 px) covers most of a small picture
     editor = ImageEditor(label='image: paint the part to regenerate', type='filepath', image_mode='RGBA',
                          elem_id='inpaint-editor',
-                            brush=gr.Brush(default_size=3, colors=['#ffffff'], color_mode='fixed'),
+                            brush=gr.Brush(default_size=max(3, pipe.image_size[0] * 3 // 64), colors=['#ffffff'],
+                                           color_mode='fixed'),
                             sources=['upload', 'clipboard'], layers=False, transforms=())
     inputs = [editor, gr.Textbox(label='prompt', max_length=lim.max_prompt, elem_id='inpaint-prompt')]
 
@@ -64,11 +63,12 @@ def inpaint(gr, lim):
     return inputs, call
 
 
-def outpaint(gr, lim):
-    m = 32
+def outpaint(gr, lim, pipe):
+    m, (w, h) = pipe.pixel_multiple, pipe.image_size        # canvas sides: multiples of m (128 px at 256)
+    top = max(m, lim.max_size - lim.max_size % m)
     inputs = [_image_input(gr, 'image'), gr.Textbox(label='prompt', max_length=lim.max_prompt),
-              gr.Slider(m, lim.max_size, value=128, step=m, label='canvas width'),
-              gr.Slider(m, lim.max_size, value=64, step=m, label='canvas height'),
+              gr.Slider(m, top, value=min(2 * w, top), step=m, label='canvas width'),
+              gr.Slider(m, top, value=min(h, top), step=m, label='canvas height'),
               gr.Dropdown(['center', 'left', 'right', 'top', 'bottom'], value='center', label='position')]
 
     async def call(svc, ask, image, prompt, width, height, position, **sampling):
@@ -77,7 +77,7 @@ def outpaint(gr, lim):
     return inputs, call
 
 
-def variations(gr, lim):
+def variations(gr, lim, pipe):
     inputs = [_image_input(gr, 'image'), gr.Slider(1, lim.max_images, value=4, step=1, label='images'),
               gr.Slider(0, 1, value=0.6, label='strength (models without CLIP)')]
 
@@ -88,7 +88,7 @@ def variations(gr, lim):
     return inputs, call
 
 
-def interpolate(gr, lim):
+def interpolate(gr, lim, pipe):
     inputs = [gr.Textbox(label='first prompt', value='red apple', max_length=lim.max_prompt),
               gr.Textbox(label='last prompt', value='green apple', max_length=lim.max_prompt),
               gr.Slider(2, lim.max_images, value=5, step=1, label='images'),
@@ -102,7 +102,7 @@ def interpolate(gr, lim):
     return inputs, call
 
 
-def edit(gr, lim):
+def edit(gr, lim, pipe):
     inputs = [_image_input(gr, 'image'), gr.Textbox(label='prompt', max_length=lim.max_prompt),
               gr.Slider(0, 1, value=0.5, label='strength')]
 
@@ -178,14 +178,16 @@ def blocks(service, cache_dir):
         for label, button_label, api_name, build in MODES:
             with gr.Tab(label), gr.Row():
                 with gr.Column():
-                    inputs, call = build(gr, lim)
+                    inputs, call = build(gr, lim, service.pipe)
                     for component in inputs:
                         if hasattr(component, 'check_size'):
                             component.check_size = service.fields.image_size
                     controls = settings(gr, lim, service.pipe)
                     button = gr.Button(button_label, variant='primary', elem_id=api_name)
-                out = gr.Gallery(label='result', columns=2, height=480, object_fit='contain', format='png',
-                                 elem_id=f'{api_name}-gallery', elem_classes='result')
+                # results at their own size (scaled down only where larger than a cell): never cropped, never
+                # blown up into a blur
+                out = gr.Gallery(label='result', columns=2, height=480, object_fit='scale-down', format='png',
+                                 elem_id=f'{api_name}-gallery')
                 # one Gradio queue for every tab (not one per button): one request preprocessed at a time
                 button.click(handler(call, len(inputs)), [*inputs, *controls], out, api_name=api_name,
                              concurrency_id='generation')
@@ -237,7 +239,7 @@ def mount(app, service, cache_dir):
     # default; read when the app is mounted); this app keeps no gr.State, so a few hundred is plenty
     demo.state_session_capacity = 200
     app = gr.mount_gradio_app(app, demo, path='/', max_file_size=service.limits.max_body, show_error=False,
-                              footer_links=[], run_history=False, css=CSS)
+                              footer_links=[], run_history=False)
     # Gradio checks that a file a request names was uploaded to it only once the app has "launched";
     # a mounted app never launches, so without this any path on the machine would be copied and served
     demo.has_launched = True

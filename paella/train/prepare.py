@@ -49,7 +49,7 @@ def preencode(folder, out, vqgan, text_encoder=None, clip=None, image_size=64, b
     captions, names, skipped = [], [], []
     for batch in batches_of(folder, image_size, batch_size, skipped):
         images = batch['image'].to(device or 'cpu')
-        rows['tokens'].append(vqgan.encode_indices(images).to(torch.int16).cpu())
+        rows['tokens'].append(vqgan.encode_indices(images, native=True).to(torch.int16).cpu())   # 4 px a token
         if text_encoder is not None:
             states, mask = text_encoder.encode(batch['caption'])
             rows['text'] += [s[m].half().cpu() for s, m in zip(states, mask)]
@@ -90,7 +90,7 @@ def encode_batch(raws, samples, vqgan, text_encoder, clip, device):
     (D,), the caption and the input's json."""
     images = torch.stack([s['image'] for s in samples]).to(device or 'cpu')       # (b, 3, S, S)
     captions = [s['caption'] for s in samples]
-    cols = {'tokens.npy': vqgan.encode_indices(images).to(torch.int16).cpu()}
+    cols = {'tokens.npy': vqgan.encode_indices(images, native=True).to(torch.int16).cpu()}    # 4 px a token
     if text_encoder is not None:
         states, mask = text_encoder.encode(captions)                                 # (b, L, D), (b, L)
         rows = [slice(None) if text_encoder.pad_to else m for m in mask]           # padded, or the tokens

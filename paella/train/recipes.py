@@ -177,7 +177,8 @@ class GeneratorTask(Task):
             if 'tokens' in batch:
                 tokens, text = batch['tokens'].long(), batch['text'].float()
             else:
-                tokens = self.vqgan.encode_indices(batch['image'].to(self.device)).cpu()
+                # the VQGAN's native size (4 px a token; super-resolving stages only draw)
+                tokens = self.vqgan.encode_indices(batch['image'].to(self.device), native=True).cpu()
                 text = self.cache.text(self.encoder, batch['caption']).states
             if self.preview is None and cfg.sample_every and s.real:
                 self.preview = tokens[:8].clone(), text[:8].clone()                # (n, h, w), (n, L, D)
