@@ -38,15 +38,15 @@ def machine():
 
 
 def pictures():
-    """Inputs for the editing modes: a drawn 64 px picture, its right half as a mask, and the same picture
-    with a transparent background."""
+    """Inputs for the editing modes: a drawn picture at the model's 256 px, its right half as a mask, and the
+    same picture with a transparent background."""
     import synth
-    image = synth.shape_image('red', 'circle', 64)
-    mask = np.zeros((64, 64), bool)
-    mask[:, 32:] = True
+    image = synth.shape_image('red', 'circle', 256)
+    mask = np.zeros((256, 256), bool)
+    mask[:, 128:] = True
     rgba = image.convert('RGBA')
-    alpha = Image.new('L', (64, 64), 0)
-    alpha.paste(255, (12, 12, 52, 52))
+    alpha = Image.new('L', (256, 256), 0)
+    alpha.paste(255, (48, 48, 208, 208))
     rgba.putalpha(alpha)
     return image, mask, rgba
 
@@ -72,12 +72,12 @@ def _model_outputs(pipe):
         'cfg_schedule': pipe(['rocket'], seed=3, cfg=(4.0, 1.0), **t),
         'cfg_constant': pipe(['snowman'], seed=3, cfg=2.0, steps=8, **t),
         'inpaint': pipe.inpaint(image, mask, 'banana', seed=4, **t),
-        'outpaint': pipe.outpaint(image, 'green apple', (128, 64), 'left', seed=5, **t),
+        'outpaint': pipe.outpaint(image, 'green apple', (512, 256), 'left', seed=5, **t),
         'edit': pipe.edit(image, 'tomato', 0.5, seed=6, **t),
         'edit_transparent': pipe.edit(rgba, 'tomato', 0.5, seed=6, **t),
         'variations': pipe.variations(image, 2, '', 0.6, seed=7, **t),
         'interpolate': pipe.interpolate('red apple', 'green apple', 3, 'slerp', seed=8, **t),
-        'regional': pipe.regional([('red apple', (0, 0, 64, 64)), ('banana', (64, 0, 128, 64))], (128, 64),
+        'regional': pipe.regional([('red apple', (0, 0, 256, 256)), ('banana', (256, 0, 512, 256))], (512, 256),
                                   seed=9, **t),
     }
 
