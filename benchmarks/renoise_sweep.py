@@ -6,7 +6,8 @@ its points labelled with their step counts).
     python benchmarks/renoise_sweep.py --data runs/openmoji64                       # all 24 pairs, 2 seeds
     python benchmarks/renoise_sweep.py --data runs/openmoji64 --steps 4,6 --rules confidence --seeds 12
 
-``--data`` is a `paella data openmoji` folder at the model's size. Pairs already in ``--out``.jsonl are
+``--data`` is a `paella data openmoji` folder at the model's native size (64 px; pictures drawn larger
+are averaged down to it). Pairs already in ``--out``.jsonl are
 not measured again (a stopped sweep resumes); ``--plot-only`` redraws the table and plot from that file;
 ``--retime`` measures the times of its rows again (on a machine with nothing else running) and keeps the rest.
 """

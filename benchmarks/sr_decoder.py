@@ -36,7 +36,7 @@ def pictures(vq, images, native, batch=64):
     for lo in range(0, len(images), batch):
         x = torch.from_numpy(np.stack([array(im) for im in images[lo:lo + batch]])).float().permute(0, 3, 1, 2)
         with torch.no_grad():
-            y = vq.decode_indices(vq.encode_indices(x, native), native=native).clamp(0, 1)
+            y = vq.decode_indices(vq.encode_indices(x, native=native), native=native).clamp(0, 1)
         out += [Image.fromarray(a) for a in (y.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)]
     return out
 

@@ -8,6 +8,7 @@ network (none can be downloaded here).
 - `features`: the pixel-16 features of a list of images;
 - `retrieval`: top-1 / top-5 rate at which each generated image is nearest to its own real picture;
 - `frechet`: the Frechet distance between two feature sets (after a joint PCA);
+- `render_tokens`: the tokens of real pictures, read at their own size;
 - `reconstruction_psnr`: a VQGAN's encode-decode PSNR per image (the best a generator could do).
 
 The emoji model's report built from them (`paella eval`) is the recipe's: `recipes/openmoji/eval.py`.
@@ -45,16 +46,24 @@ def frechet(a, b, dims=64):
     return float(((ma - mb) ** 2).sum() + ca.trace() + cb.trace() - 2 * ev.sqrt().sum())
 
 
+def render_tokens(pipe, images):
+    """Token grids (B, h, w) of same-size images read at their own size: through a super-resolving VQGAN's
+    native path where they are smaller than the pipeline's canvas (the 64 px renders of the 256 px emoji
+    pipeline: the tokens its generator learnt from), else as `Pipeline.encode_images` reads them."""
+    if images[0].size == pipe.image_size:
+        return pipe.encode_images(images)
+    x = torch.from_numpy(np.stack([np.asarray(im.convert('RGB'), dtype=np.float32) / 255 for im in images]))
+    with torch.no_grad():                                                    # (B, 3, H, W) in [0, 1]
+        return pipe.vqgan.encode_indices(x.permute(0, 3, 1, 2).to(pipe.device, next(pipe.vqgan.parameters()).dtype),
+                                         native=True)
+
+
 def reconstruction_psnr(pipe, images, batch=64):
-    """PSNR of each image against its reconstruction by the pipeline's VQGAN (encode, then decode); images
-    smaller than the canvas of a super-resolving VQGAN go through its native path (the 64 px renders of a
-    256 px emoji pipeline: what its native decoder does with them)."""
-    out, native = [], pipe.native
-    pipe.native = native or images[0].size != pipe.image_size
-    try:
-        for lo in range(0, len(images), batch):
-            chunk = images[lo:lo + batch]
-            out += [psnr(r, x) for r, x in zip(pipe.decode(pipe.encode_images(chunk)), chunk)]
-    finally:
-        pipe.native = native
+    """PSNR of each image against its reconstruction by the pipeline's VQGAN (encode, then decode; pictures
+    drawn larger than the images are averaged down to their size, as `paella eval` measures generated ones)."""
+    out = []
+    for lo in range(0, len(images), batch):
+        chunk = images[lo:lo + batch]
+        pictures = pipe.decode(render_tokens(pipe, chunk))
+        out += [psnr(r.resize(x.size, Image.BOX) if r.size != x.size else r, x) for r, x in zip(pictures, chunk)]
     return out

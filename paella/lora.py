@@ -171,7 +171,9 @@ def remove(model, merge=False):
 
 
 class Adapters:
-    """`paella.pipeline.Pipeline`'s LoRA methods: adapters on its generator, taken off, or fused into it."""
+    """`paella.pipeline.Pipeline`'s LoRA methods: adapters on its generator, taken off, or fused into it. They
+    use the pipeline's ``generator``, ``runner`` (what the sampler calls), ``loras`` ({name: (folder, scale)}),
+    ``captions`` and ``settings``."""
 
     def load_lora(self, path, scale=1.0):
         """Add a LoRA adapter folder (`paella.lora`, written by `paella finetune`) to the generator at
@@ -191,5 +193,6 @@ class Adapters:
         """Add the adapters' updates to the generator's weights (faster sampling; `save_pretrained` then
         writes a pipeline with them built in, without the retrieval prior); they can no longer be taken off."""
         remove(self.generator, merge=True)
-        self.loras, self.runner = {}, self.generator        # it may know captions the retrieval prior does not:
+        self.loras, self.runner = {}, self.generator
+        # the fused generator may know captions the retrieval prior does not: no prior from now on
         self.captions, self.settings = None, replace(self.settings, caption_temperature=None)

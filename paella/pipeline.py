@@ -68,7 +68,8 @@ class Pipeline(lora.Adapters):
         return tuple(r for r in checks.RENOISE_RULES if head or r != 'critic')
 
     @property
-    def pixels_per_token(self):     # the VQGAN's: 16 with two super-resolving stages, 4 if ``native``
+    def pixels_per_token(self):
+        """The VQGAN's pixels a token a side: 16 with two super-resolving stages, 4 if ``native``."""
         return self.vqgan.native_downsampling if self.native else self.vqgan.downsampling
 
     @property
@@ -112,7 +113,12 @@ class Pipeline(lora.Adapters):
         if spec is None:
             raise ValueError("a pipeline needs a text encoder, got 'none'")
         gen, vq = Paella.from_pretrained(generator), VQModel.from_pretrained(vqgan)
-        grid = 16 if image_size is None else image_size // vq.downsampling
+        side = vq.downsampling * gen.downsampling
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                       or image_size < side or image_size % side):
+            raise ValueError(f"image_size must be a multiple of {side} pixels for this generator and VQGAN "
+                             f"({vq.downsampling} px a token), got {image_size!r}")
+        grid = Settings().latent_size[0] if image_size is None else image_size // vq.downsampling
         s = checks.settings(Settings(**tuples({'latent_size': (grid, grid), **settings})), checks.Caps())
         return cls(gen, vq, load_text_encoder(spec), settings=s, specs={'text_encoder': spec})
 

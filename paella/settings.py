@@ -15,6 +15,7 @@ class Settings:
     """Sampling settings of a pipeline. The defaults are neutral, for a freshly trained model without CLIP
     or prior: guidance at every step and no attention reweighting. `Settings.v3()`: the published demo's."""
     latent_size: tuple = (16, 16)                   # token grid (H, W): 64 px with an f4 VQGAN, as trained
+                                                    # (256 px through the emoji model's super-resolving one)
     steps: int = 12                                 # the shipped emoji model's count
     renoise_steps: int | None = None                # None: every step but the last re-noises (the sampler's)
     temperature: tuple = (1.0, 0.2)                 # linear from start to end (the sampler's default)

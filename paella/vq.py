@@ -1,4 +1,5 @@
-"""The f4 VQGAN of Paella v3: images in [0, 1] (B, 3, H, W) <-> token ids (B, H/4, W/4).
+"""The f4 VQGAN of Paella v3: images in [0, 1] (B, 3, H, W) <-> token ids (B, H/4, W/4); with
+`VQConfig.sr_levels` super-resolving stages, H/16 with two.
 
 Names and arithmetic follow the published ``VQModel`` (and the ``VectorQuantize`` layer it imports), so
 ``vqgan_f4.pt`` loads strictly and produces the same token ids.
@@ -97,7 +98,8 @@ class ResBlock(nn.Module):
 
 class VQModel(Pretrained, nn.Module, config_class=VQConfig, presets=PRESETS, default_preset='f4',
               model_type='vqgan'):
-    """``VQModel()`` is the published f4 VQGAN. Images are (B, 3, H, W) in [0, 1], H and W multiples of 4."""
+    """``VQModel()`` is the published f4 VQGAN. Images are (B, 3, H, W) in [0, 1], H and W multiples of
+    `downsampling` (4; 16 with two super-resolving stages)."""
 
     def __init__(self, config: VQConfig | None = None, **kwargs):
         super().__init__()

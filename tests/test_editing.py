@@ -12,13 +12,15 @@ from paella.editing import pixel_to_token_mask, slerp
 from paella.pipeline import Pipeline
 
 FAST = dict(steps=3, renoise_steps=2)
-S, F = 256, 16          # the shipped model's canvas side and pixels per token (16x16 tokens)
+S, P = 256, 16          # the shipped model's canvas side and pixels per token (16x16 tokens)
 PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture(scope='module')
 def pipe(hf_offline):
-    return Pipeline.from_pretrained()
+    pipe = Pipeline.from_pretrained()
+    assert (pipe.image_size, pipe.pixels_per_token) == ((S, S), P)     # the sizes these tests are written in
+    return pipe
 
 
 @pytest.fixture(scope='module')
@@ -56,10 +58,10 @@ def test_inpaint_keeps_unmasked_tokens_exactly(pipe, apple, seed, size, boxes, d
 @given(seed=st.integers(0, 2 ** 31), canvas=st.tuples(st.sampled_from([S, 384, 512]), st.sampled_from([S, 384, 512])),
        corner=st.tuples(st.floats(0, 1), st.floats(0, 1)))
 def test_outpaint_keeps_the_image_tokens_exactly(pipe, apple, seed, canvas, corner):
-    x, y = int(corner[0] * (canvas[0] - S)) // F * F, int(corner[1] * (canvas[1] - S)) // F * F
+    x, y = int(corner[0] * (canvas[0] - S)) // P * P, int(corner[1] * (canvas[1] - S)) // P * P
     out = pipe.outpaint(apple, 'grass', canvas, (x, y), seed=seed, output='tokens', **FAST)
-    assert out.shape == (1, canvas[1] // F, canvas[0] // F)
-    assert torch.equal(out[0, y // F:y // F + 16, x // F:x // F + 16], pipe.encode_images(apple)[0])
+    assert out.shape == (1, canvas[1] // P, canvas[0] // P)
+    assert torch.equal(out[0, y // P:y // P + 16, x // P:x // P + 16], pipe.encode_images(apple)[0])
 
 
 def test_inpaint_and_outpaint_keep_pixels(pipe, apple):

@@ -37,8 +37,8 @@ def test_a_local_file_named_in_a_request_is_neither_copied_nor_served(srv, tmp_p
     secret.write_bytes(png_bytes((64, 64)))
     settings = ['', 0, 4, 1.5, 1.5, 'random']
     for api_name, data in [('edit', [{'path': str(secret), 'meta': {'_type': 'gradio.FileData'}}, 'x', 0.5, *settings]),
-                           ('outpaint', [{'path': '/etc/hostname', 'meta': {'_type': 'gradio.FileData'}}, 'x', 64, 64,
-                                         'center', *settings])]:
+                           ('outpaint', [{'path': '/etc/hostname', 'meta': {'_type': 'gradio.FileData'}}, 'x', 512,
+                                         256, 'center', *settings])]:
         events = gradio_call(srv.url, api_name, data)
         assert events[-1][0] == 'event: error', events
         assert 'secret' not in events[-1][1] and 'hostname' not in events[-1][1]

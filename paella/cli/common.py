@@ -98,12 +98,12 @@ def positive(text):
 
 
 def parse_size(text):
-    """'128x64' -> (128, 64)."""
+    """'512x256' -> (512, 256)."""
     try:
         w, h = (int(v) for v in text.lower().split('x'))
         return w, h
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 128x64, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 512x256, got {text!r}") from None
 
 
 def box_or_mask(text):

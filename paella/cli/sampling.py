@@ -72,7 +72,7 @@ MODES = {
         (['--dilate'], dict(type=number, default=0, help='grow the mask by this many tokens (default: 0)'))],
         lambda pipe, a, kw: pipe.inpaint(a.image, a.mask, a.prompt, dilate=a.dilate, **kw)),
     'outpaint': ('extend an image to a larger canvas', [IMAGE, PROMPT], [
-        (['--size'], dict(type=parse_size, required=True, help='canvas WIDTHxHEIGHT in pixels, e.g. 128x64')),
+        (['--size'], dict(type=parse_size, required=True, help='canvas WIDTHxHEIGHT in pixels, e.g. 512x256')),
         (['--position'], dict(type=position, default='center', help="where the image goes: center, left, right, "
                               "top, bottom, top-left, ... or X,Y (default: center)"))],
         lambda pipe, a, kw: pipe.outpaint(a.image, a.prompt, a.size, a.position, **kw)),

@@ -18,6 +18,9 @@ from .service import Upload
 
 log = logging.getLogger('paella.serve')
 CACHE_AGE = 600                       # seconds a web result or upload stays downloadable
+CSS = """
+.small-result img { image-rendering: pixelated; }
+"""
 
 
 def _image_input(gr, label):
@@ -38,13 +41,12 @@ def text_to_image(gr, lim, pipe):
 
 def inpaint(gr, lim, pipe):
     from .widgets import ImageEditor
-    # a small white brush, 3/64 of the canvas (3 px at 64, 12 at 256: under a token): Gradio's default (1/50 of
-    # the canvas, at least 25 px) covers most of a small picture
+    # a white brush under a token wide (3 px at 4 px a token, 12 at 16): Gradio's default (1/50 of the canvas,
+    # at least 25 px) covers most of a small picture
     editor = ImageEditor(label='image: paint the part to regenerate', type='filepath', image_mode='RGBA',
-                         elem_id='inpaint-editor',
-                            brush=gr.Brush(default_size=max(3, pipe.image_size[0] * 3 // 64), colors=['#ffffff'],
-                                           color_mode='fixed'),
-                            sources=['upload', 'clipboard'], layers=False, transforms=())
+                         elem_id='inpaint-editor', sources=['upload', 'clipboard'], layers=False, transforms=(),
+                         brush=gr.Brush(default_size=max(2, pipe.pixels_per_token * 3 // 4), colors=['#ffffff'],
+                                        color_mode='fixed'))
     inputs = [editor, gr.Textbox(label='prompt', max_length=lim.max_prompt, elem_id='inpaint-prompt')]
 
     async def call(svc, ask, value, prompt, **sampling):
@@ -184,10 +186,12 @@ def blocks(service, cache_dir):
                             component.check_size = service.fields.image_size
                     controls = settings(gr, lim, service.pipe)
                     button = gr.Button(button_label, variant='primary', elem_id=api_name)
-                # results at their own size (scaled down only where larger than a cell): never cropped, never
-                # blown up into a blur
-                out = gr.Gallery(label='result', columns=2, height=480, object_fit='scale-down', format='png',
-                                 elem_id=f'{api_name}-gallery')
+                # pictures of 256 px and more at their own size (scaled down only where larger than a cell):
+                # never cropped, never blown up into a blur; smaller ones (64 px) fill the cell, pixelated
+                large = min(service.pipe.image_size) >= 256
+                out = gr.Gallery(label='result', columns=2, height=480, format='png', elem_id=f'{api_name}-gallery',
+                                 object_fit='scale-down' if large else 'contain',
+                                 elem_classes=None if large else 'small-result')
                 # one Gradio queue for every tab (not one per button): one request preprocessed at a time
                 button.click(handler(call, len(inputs)), [*inputs, *controls], out, api_name=api_name,
                              concurrency_id='generation')
@@ -239,7 +243,7 @@ def mount(app, service, cache_dir):
     # default; read when the app is mounted); this app keeps no gr.State, so a few hundred is plenty
     demo.state_session_capacity = 200
     app = gr.mount_gradio_app(app, demo, path='/', max_file_size=service.limits.max_body, show_error=False,
-                              footer_links=[], run_history=False)
+                              footer_links=[], run_history=False, css=CSS)
     # Gradio checks that a file a request names was uploaded to it only once the app has "launched";
     # a mounted app never launches, so without this any path on the machine would be copied and served
     demo.has_launched = True

@@ -19,8 +19,8 @@ class TrainConfig:
     init: str = ''                  # start from these weights (a model folder) instead of random ones
     freeze: str = ''                # parameters to keep fixed: comma-separated name prefixes, e.g.
                                     # in_block,down_blocks,vquantizer trains a VQGAN's decoder alone
-    image_size: int = 64            # raw images: side in pixels after the resize and crop, as the
-                                    # VQGAN's encoder reads them (its native size: 4 px a token)
+    image_size: int = 64            # raw images: side in pixels after the resize and crop (the generator
+                                    # reads their tokens at the VQGAN's native 4 px a token)
     batch_size: int = 32            # global, over all processes and accumulation steps
     grad_accum: int = 1             # micro-batches per optimizer step
     steps: int = 1000               # optimizer steps in all (a resumed run continues to this)

@@ -15,6 +15,7 @@ Report (`evaluate`):
 `regional_trials` checks regional prompts (two emoji side by side); `eval_lines` is the whole command.
 """
 import contextlib
+import io
 import json
 import random
 import tempfile
@@ -55,11 +56,16 @@ REGIONAL_PAIRS = [
 ]
 
 
-def load_real(folder):
-    """{caption: PIL image} of a dataset folder with metadata.jsonl (alias captions left out)."""
+def render_files(folder):
+    """{caption: image file} of a dataset folder with metadata.jsonl (alias captions left out)."""
     folder = Path(folder)
     rows = [json.loads(line) for line in (folder / 'metadata.jsonl').read_text(encoding='utf-8').splitlines()]
-    return {r['text']: Image.open(folder / r['file_name']).convert('RGB') for r in rows if not r.get('alias')}
+    return {r['text']: folder / r['file_name'] for r in rows if not r.get('alias')}
+
+
+def load_real(folder):
+    """{caption: PIL image} of a dataset folder with metadata.jsonl (alias captions left out)."""
+    return {name: Image.open(path).convert('RGB') for name, path in render_files(folder).items()}
 
 
 def regional_trials(pipe, real, trials=20, seed=0, **overrides):
@@ -108,19 +114,21 @@ def at_size(images, size):
 
 def large_psnr(pipe, tokens, mine, names, large):
     """Median PSNR at the pipeline's (larger) size of ``mine``, the pictures of ``tokens`` (B, h, w), against
-    the large renders of ``names`` ({name: render}), and of the same tokens drawn at the native size and
-    upscaled bicubically (what the native decoder gives at that size)."""
+    the large renders of ``names`` (``large``: name -> render), and of the same tokens drawn at the native
+    size and upscaled bicubically (what the native decoder gives at that size)."""
     from paella.images import tokens_to_images
-    side = pipe.image_size
+    side, targets = pipe.image_size, [large(k) for k in names]
     upscaled = [im.resize(side, Image.BICUBIC) for im in tokens_to_images(pipe.vqgan, tokens, native=True)]
-    return {'median_psnr_to_target_large': round(float(np.median([psnr(g, large[k]) for g, k in zip(mine, names)])), 2),
-            'median_psnr_to_target_bicubic': round(float(np.median([psnr(g, large[k]) for g, k in zip(upscaled, names)])), 2)}
+
+    def median(pictures):
+        return round(float(np.median([psnr(g, t) for g, t in zip(pictures, targets)])), 2)
+    return {'median_psnr_to_target_large': median(mine), 'median_psnr_to_target_bicubic': median(upscaled)}
 
 
 def evaluate(pipe, folder, n=200, seed=0, batch=16, recon=None, large=None, **overrides):
     """The report (a dict) for pipeline ``pipe`` against the real renders in ``folder``, at their size
     (pictures drawn larger are averaged down to it). ``recon``: the folder's `real_set_psnr`, when several
-    reports share it (it does not depend on the seed). ``large``: {name: render at the pipeline's size}, for
+    reports share it (it does not depend on the seed). ``large``: name -> render at the pipeline's size, for
     the PSNR of a super-resolving decoder's pictures at their own size (`large_psnr`)."""
     real = load_real(folder)
     recon = real_set_psnr(pipe, real) if recon is None else recon
@@ -162,37 +170,43 @@ def eval_lines(pipe, data=None, n=200, seed=0, seeds=1, regional=None, large=Non
 
     data: the real renders (a `paella data openmoji` folder); None builds one, at the pipeline's native
     size, in a temporary folder (``paella-eval-*``, 8.6 MB at 64 px) removed at the end, on an error, and
-    when the caller stops early (this generator closed or dropped). large: the renders at the pipeline's
-    size where it draws larger (a super-resolving decoder; None: built likewise), for `large_psnr`. regional: a number of trials -> one
-    line, the regional-prompt check, instead of the report. seeds=1: the report, indented; seeds=K: one line per
-    seed ``seed`` .. ``seed + K - 1``, then their mean / min / max. overrides: sampling settings."""
-    with renders(pipe, data) as folder, large_renders(pipe, folder, large) as big:
+    when the caller stops early (this generator closed or dropped). large: a folder of the renders at the
+    pipeline's size where it draws larger (a super-resolving decoder; None: each rendered when the report
+    needs it), for `large_psnr`. regional: a number of trials -> one line, the regional-prompt check,
+    instead of the report. seeds=1: the report, indented; seeds=K: one line per seed ``seed`` ..
+    ``seed + K - 1``, then their mean / min / max. overrides: sampling settings."""
+    with renders(pipe, data) as folder:
+        big = None if regional else large_renders(pipe, folder, large)
         yield from _report_lines(pipe, folder, n, seed, seeds, regional, big, overrides)
 
 
-@contextlib.contextmanager
 def large_renders(pipe, folder, large=None):
-    """{name: render at the pipeline's size} when it draws larger than ``folder``'s renders (a super-resolving
-    decoder): from the folder ``large``, or rendered for the run; else None."""
-    if next(iter(load_real(folder).values())).size == pipe.image_size:
-        yield None
-        return
-    with renders(pipe, large, pipe.image_size[0]) as big:
-        yield load_real(big)
+    """name -> render at the pipeline's size, where it draws larger than ``folder``'s renders (a
+    super-resolving decoder): read from the folder ``large``, or rendered when asked for; else None."""
+    side = pipe.image_size
+    with Image.open(next(iter(render_files(folder).values()))) as first:
+        if first.size == side:
+            return None
+    if large is not None:
+        files = render_files(large)
+        return lambda name: Image.open(files[name]).convert('RGB')
+    from .dataset import catalogue, render
+    svgs = {name: svg for svg, name, *_ in catalogue()}
+    return lambda name: Image.open(io.BytesIO(render(svgs[name], side[0]))).convert('RGB')
 
 
 @contextlib.contextmanager
-def renders(pipe, data=None, size=None):
+def renders(pipe, data=None):
     """The real renders' folder: ``data``, or (None) one built in a temporary folder, removed when the block
-    ends, at ``size`` px (default: the pipeline's native size, what its generator's tokens were made from:
-    64 px for the emoji model, also where a super-resolving decoder draws 256)."""
+    ends, at the pipeline's native size (what its generator's tokens were made from: 64 px for the emoji
+    model, also where a super-resolving decoder draws 256)."""
     if data is not None:
         yield Path(data)
         return
     from .dataset import build
     with tempfile.TemporaryDirectory(prefix='paella-eval-') as tmp:
         folder = Path(tmp) / 'openmoji'
-        build(folder, size or pipe.settings.latent_size[0] * pipe.vqgan.native_downsampling)
+        build(folder, pipe.settings.latent_size[0] * pipe.vqgan.native_downsampling)
         yield folder
 
 
