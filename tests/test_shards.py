@@ -246,7 +246,14 @@ def test_preencode_under_torchrun_killed_and_rerun_ends_equal(tmp_path, minilm):
     from paella.train.prepare import preencode_shards
     urls = synth.shards(tmp_path / 'in', 4, size=32)
     vq = tiny_vqgan(tmp_path / 'vq')
-    preencode_shards(urls, tmp_path / 'one', VQModel.from_pretrained(vq), minilm, image_size=32, log=lambda _: None)
+    # the reference on one thread, as torchrun starts each worker (OMP_NUM_THREADS=1): float32 sums split
+    # over two threads round MiniLM's states differently in the last bits, and some fp16 values with them
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        preencode_shards(urls, tmp_path / 'one', VQModel.from_pretrained(vq), minilm, image_size=32, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
     slow = f"pipe:sleep 3; cat {urls}"
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'paella.cli',
            'preencode', slow, str(tmp_path / 'two'), '--vqgan', str(vq), '--image-size', '32']
