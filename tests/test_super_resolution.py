@@ -44,6 +44,21 @@ def test_a_grown_model_reads_the_same_tokens_and_starts_as_the_old_picture_upsam
         sr.encode_indices(torch.rand(1, 3, 40, 40))                              # 40 px: not 16 px a token
 
 
+def test_training_data_is_read_at_the_native_size(tmp_path):
+    """Pre-encoding (and the generator's training on raw images) reads images at the VQGAN's native size:
+    32 px pictures give 8x8 tokens with 4 px a token, also through a VQGAN whose own size is 16 px a token."""
+    from safetensors.torch import load_file
+    from paella.data import ImageFolder
+    from paella.train.prepare import preencode
+    old, sr = grown(tmp_path)
+    folder = synth.image_folder(tmp_path / 'shapes', 32)
+    assert preencode(folder, tmp_path / 'p.safetensors', sr, image_size=32) == (8, [])
+    tokens = load_file(str(tmp_path / 'p.safetensors'))['tokens']
+    x = torch.stack([ImageFolder(folder, 32, random_crop=False)[i]['image'] for i in range(8)])   # (8, 3, 32, 32)
+    with torch.no_grad():
+        assert tokens.shape == (8, 8, 8) and torch.equal(tokens, old.encode_indices(x).to(torch.int16))
+
+
 def test_crops_keep_tokens_and_pixels_aligned():
     tokens = torch.arange(2 * 4 * 5).view(2, 4, 5)                               # (b, h, w)
     images = tokens.repeat_interleave(3, 1).repeat_interleave(3, 2)[:, None].expand(-1, 3, -1, -1)  # 3 px a token

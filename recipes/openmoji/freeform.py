@@ -105,8 +105,9 @@ SPECIFIC = 'red apple'
 SEEDS = 8
 # Nearest-render distance below which an image is clean: `calibrate` (the shipped VQGAN in float32, the 2093
 # renders at 64 px) gives worst_shift 1.36 and worst_blur32 1.98 (real drawings: all must pass) and
-# mess_t0.3_p1 3.29 (drawings with 30% stray tokens, drawn at 256 px and averaged down: 99% must fail; 3.30
-# with the 64 px decoder); the threshold is halfway, so that neither side sits on its edge. A 3 px shift, one more than `nearest` lines up, reaches 4.08 at worst.
+# mess_t0.3_p1 3.29 (drawings with 30% stray tokens, drawn at 256 px and averaged down: 99% must fail;
+# 3.30 with the 64 px decoder); the threshold is halfway, so that neither side sits on its edge. A 3 px
+# shift, one more than `nearest` lines up, reaches 4.08 at worst.
 CLEAN_THRESHOLD = 2.64
 
 
