@@ -8,7 +8,7 @@ network (none can be downloaded here).
 - `features`: the pixel-16 features of a list of images;
 - `retrieval`: top-1 / top-5 rate at which each generated image is nearest to its own real picture;
 - `frechet`: the Frechet distance between two feature sets (after a joint PCA);
-- `render_tokens`: the tokens of real pictures, read at their own size;
+- `at_size`, `render_tokens`: pictures averaged down to a size; the tokens of real pictures, read at their own size;
 - `reconstruction_psnr`: a VQGAN's encode-decode PSNR per image (the best a generator could do).
 
 The emoji model's report built from them (`paella eval`) is the recipe's: `recipes/openmoji/eval.py`.
@@ -46,16 +46,18 @@ def frechet(a, b, dims=64):
     return float(((ma - mb) ** 2).sum() + ca.trace() + cb.trace() - 2 * ev.sqrt().sum())
 
 
+def at_size(images, size):
+    """The images averaged down (box filter) to ``size`` (W, H) where they differ: a super-resolving
+    decoder's pictures measured at the size of real pictures."""
+    return [im.resize(size, Image.BOX) if im.size != tuple(size) else im for im in images]
+
+
 def render_tokens(pipe, images):
     """Token grids (B, h, w) of same-size images read at their own size: through a super-resolving VQGAN's
     native path where they are smaller than the pipeline's canvas (the 64 px renders of the 256 px emoji
     pipeline: the tokens its generator learnt from), else as `Pipeline.encode_images` reads them."""
-    if images[0].size == pipe.image_size:
-        return pipe.encode_images(images)
-    x = torch.from_numpy(np.stack([np.asarray(im.convert('RGB'), dtype=np.float32) / 255 for im in images]))
-    with torch.no_grad():                                                    # (B, 3, H, W) in [0, 1]
-        return pipe.vqgan.encode_indices(x.permute(0, 3, 1, 2).to(pipe.device, next(pipe.vqgan.parameters()).dtype),
-                                         native=True)
+    size = images[0].size
+    return pipe.encode_images(images, size, native=pipe.native or size != pipe.image_size)
 
 
 def reconstruction_psnr(pipe, images, batch=64):
@@ -64,6 +66,6 @@ def reconstruction_psnr(pipe, images, batch=64):
     out = []
     for lo in range(0, len(images), batch):
         chunk = images[lo:lo + batch]
-        pictures = pipe.decode(render_tokens(pipe, chunk))
-        out += [psnr(r.resize(x.size, Image.BOX) if r.size != x.size else r, x) for r, x in zip(pictures, chunk)]
+        pictures = at_size(pipe.decode(render_tokens(pipe, chunk)), chunk[0].size)
+        out += [psnr(r, x) for r, x in zip(pictures, chunk)]
     return out

@@ -114,8 +114,7 @@ class Pipeline(lora.Adapters):
             raise ValueError("a pipeline needs a text encoder, got 'none'")
         gen, vq = Paella.from_pretrained(generator), VQModel.from_pretrained(vqgan)
         side = vq.downsampling * gen.downsampling
-        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                       or image_size < side or image_size % side):
+        if image_size is not None and checks.integer(image_size, 'image_size', side, checks.Caps().side) % side:
             raise ValueError(f"image_size must be a multiple of {side} pixels for this generator and VQGAN "
                              f"({vq.downsampling} px a token), got {image_size!r}")
         grid = Settings().latent_size[0] if image_size is None else image_size // vq.downsampling
@@ -243,9 +242,10 @@ class Pipeline(lora.Adapters):
             timings.update(text_encoding=t1 - t0, sampling=time.perf_counter() - t1)
         return tokens
 
-    def encode_images(self, images, size=None):
+    def encode_images(self, images, size=None, native=None):
         """Token grids (B, h, w) of images (PIL / paths / bytes), resized to ``size`` (W, H; default the
-        pipeline's canvas) when they differ."""
+        pipeline's canvas) when they differ; ``native``: read at the VQGAN's native size, without averaging
+        down for its super-resolving stages (default: the pipeline's ``native``)."""
         size = tuple(size or self.image_size)
         pixels = []
         for im in images if isinstance(images, (list, tuple)) else [images]:
@@ -257,7 +257,8 @@ class Pipeline(lora.Adapters):
             pixels.append(np.asarray(im, dtype=np.float32) / 255)
         x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(self.device)   # (B, 3, H, W)
         with torch.no_grad():
-            return self.vqgan.encode_indices(x.to(next(self.vqgan.parameters()).dtype), self.native)
+            return self.vqgan.encode_indices(x.to(next(self.vqgan.parameters()).dtype),
+                                             self.native if native is None else native)
 
     def decode(self, tokens, output='pil', paste=None, sizes=None):
         """PIL images of token grids (B, H, W) (``output='tokens'``: the grids themselves), each resized to

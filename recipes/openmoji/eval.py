@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from paella.evaluate import features, frechet, reconstruction_psnr, retrieval
+from paella.evaluate import at_size, features, frechet, reconstruction_psnr, retrieval
 from paella.images import psnr
 
 # Prompts that are not emoji names, each with the emoji it should produce.
@@ -104,12 +104,6 @@ def generate(pipe, prompts, seed, batch, overrides, output='pil'):
     for lo in range(0, len(prompts), batch):
         out += list(pipe(prompts[lo:lo + batch], seed=seed + lo, output=output, **overrides))
     return torch.stack(out) if output == 'tokens' else out
-
-
-def at_size(images, size):
-    """The images averaged down (box filter) to ``size`` (W, H) where they differ: a super-resolving
-    decoder's pictures measured at the renders' size."""
-    return [im.resize(size, Image.BOX) if im.size != tuple(size) else im for im in images]
 
 
 def large_psnr(pipe, tokens, mine, names, large):

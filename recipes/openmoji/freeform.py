@@ -141,9 +141,8 @@ def calibrate(pipe, real, t=0.3, seed=0):
     percentile of the renders with a share ``t`` of their tokens replaced by random codes (speckled
     messes made on purpose, decoded by ``pipe``'s VQGAN: 99% of them must count as messes).
     real: {name: render}."""
-    from paella.evaluate import render_tokens
+    from paella.evaluate import at_size, render_tokens
     from paella.noise import add_noise
-    from .eval import at_size
     images = list(real.values())
     feats = features(images)
 
@@ -166,8 +165,8 @@ def calibrate(pipe, real, t=0.3, seed=0):
 def report(pipe, real, seed=0, n=200, batch=16, **overrides):
     """The free-form report (a dict) for one seed. real: {name: render} (`eval.load_real`), all of them the
     pool of "nearest render"."""
-    from .eval import at_size, generate
-    from paella.evaluate import retrieval
+    from .eval import generate
+    from paella.evaluate import at_size, retrieval
     names = list(real)
     real_feats = features([real[k] for k in names])
     size = real[names[0]].size                  # pictures drawn larger are measured averaged down to it
